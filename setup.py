@@ -1,0 +1,37 @@
+"""Packaging of codec-det.
+
+Detectron2 is not a dependency here: its authors do not publish it on the
+package index, so ``bash tools/setup_env.sh`` installs it (from its source
+repository, or from the ``sal-detectron2`` republication of its Python
+sources). The same script pins torch 2.14.1 and torchvision 0.29.1 with a
+constraints file, which is why torch is not pinned below.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="codec-det",
+    version="0.1.0",
+    description=(
+        "CoDeC (coupled filters decomposition) compression of ResNet-50 backbones "
+        "for Detectron2 Faster, Mask and Keypoint R-CNN"
+    ),
+    python_requires=">=3.10",
+    packages=find_packages(include=["codec_det", "codec_det.*"]),
+    package_data={"": ["*.json"]},
+    install_requires=[
+        "torch",
+        "torchvision",
+        "tensorly",
+        "numpy",
+        "scipy",
+        "fvcore",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "export": ["onnx", "onnxruntime"],
+    },
+)
