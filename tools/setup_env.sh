@@ -35,6 +35,8 @@ DETECTRON2_DEPENDENCIES=(
     cloudpickle tqdm matplotlib tensorboard shapely scipy "setuptools<81"
 )
 
+cd "$REPO_ROOT"
+
 STEP="start"
 on_error() {
     local status=$?
