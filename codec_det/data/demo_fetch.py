@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         root = fetch_demo_data(args.output, force=args.force, download_dir=args.download_dir)
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
+    except (RuntimeError, ValueError, OSError) as error:
         print(f"demo_fetch: failed: {error}", file=sys.stderr)
         return 1
     print(f"Demo data ready in {root}")
