@@ -541,6 +541,16 @@ def test_cli_eval_only_prints_accuracy(compressed_dir, image_folder, capsys):
     assert "on 6 images" in capsys.readouterr().out
 
 
+def test_cli_eval_only_needs_no_train_split(compressed_dir, image_folder, tmp_path, capsys):
+    shutil.copytree(image_folder / "val", tmp_path / "val")
+    arguments = [
+        "--compressed", str(compressed_dir), "--arch", "resnet18", "--data", str(tmp_path), "--num-classes", "3",
+        "--image-size", str(IMAGE_SIZE), "--workers", "0", "--eval-only", "--no-progress",
+    ]
+    assert finetune_classifier.main(arguments) == 0
+    assert "on 6 images" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

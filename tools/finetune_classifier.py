@@ -8,9 +8,9 @@ them: ``last.pth`` (resumable training state), ``metrics.json`` (per-epoch
 metrics and class names) and ``log.txt``.
 
 Data: ``--data DIR`` in ImageNet layout (``DIR/train/<class>/*.jpg``,
-``DIR/val/<class>/*.jpg``), or ``--data bundled``: 144 training and 20
-validation crops of bus, car and person instances cut from the demo photos
-(``python -m codec_det.data.demo_crops``; built on first use).
+``DIR/val/<class>/*.jpg``), or ``--data bundled``. The bundled set has 144
+training and 20 validation crops of bus, car and person instances, cut from
+the demo photos by ``python -m codec_det.data.demo_crops`` on first use.
 
 Examples:
     python tools/finetune_classifier.py --compressed out/codec45 --data /data/imagenet \\
@@ -39,11 +39,10 @@ from codec_det.checkpoint import SPEC_FILE
 from codec_det.training.checkpointing import LAST_CHECKPOINT, save_final_model
 from codec_det.training.data import (
     DataLayoutError,
-    build_train_loader,
+    build_image_folder_loaders,
     build_val_loader,
     check_image_folder,
     load_image_folder,
-    train_transform,
     val_transform,
 )
 from codec_det.training.distributed import DistributedContext, barrier, cleanup_distributed, init_distributed
@@ -216,7 +215,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def run(args: argparse.Namespace, context: DistributedContext) -> int:
     data_root = resolve_data(args, context)
-    classes = check_image_folder(data_root)
+    classes = check_image_folder(data_root, splits=("val",) if args.eval_only else ("train", "val"))
     num_classes = args.num_classes if args.num_classes is not None else len(classes)
     if num_classes != len(classes):
         raise DataLayoutError(
@@ -233,13 +232,9 @@ def run(args: argparse.Namespace, context: DistributedContext) -> int:
             f"pass --num-classes {len(classes)} to train a new classifier head"
         )
 
-    train_set = load_image_folder(data_root, "train", train_transform(args.image_size))
-    val_set = load_image_folder(data_root, "val", val_transform(args.image_size))
-    logger.info("data %s: %d training and %d validation images in %d classes", data_root, len(train_set),
-                len(val_set), len(classes))
-    val_loader = build_val_loader(val_set, batch_size=args.batch_size, workers=args.workers, context=context)
-
     if args.eval_only:
+        val_set = load_image_folder(data_root, "val", val_transform(args.image_size))
+        val_loader = build_val_loader(val_set, batch_size=args.batch_size, workers=args.workers, context=context)
         metrics = evaluate(model.to(context.device), val_loader, amp=args.amp, channels_last=args.channels_last,
                            progress=not args.no_progress and context.is_main)
         if context.is_main:
@@ -247,12 +242,14 @@ def run(args: argparse.Namespace, context: DistributedContext) -> int:
                   f"on {metrics['count']} images")
         return 0
 
+    train_loader, val_loader, _ = build_image_folder_loaders(
+        data_root, image_size=args.image_size, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+        context=context,
+    )
     teacher = None
     if args.teacher_weights is not None:
         teacher = load_teacher(args.teacher_weights, args.arch, num_classes=num_classes,
                                allow_pickle=args.allow_pickle)
-    train_loader = build_train_loader(train_set, batch_size=args.batch_size, workers=args.workers,
-                                      seed=args.seed, context=context)
     logger.info("training on %d process(es), device %s, %d images per step and process", context.world_size,
                 context.device, args.batch_size)
 

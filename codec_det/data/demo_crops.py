@@ -24,8 +24,8 @@ images in ImageFolder layout::
     train/bus/*.jpg  train/car/*.jpg  train/person/*.jpg
     val/bus/*.jpg    val/car/*.jpg    val/person/*.jpg
 
-With 14 instances this set shows that a fine-tuning pipeline runs and
-learns; its accuracy says little about a model.
+With 14 instances, this set shows that a fine-tuning pipeline runs and
+learns. Its accuracy tells little about a model.
 
 Run ``python -m codec_det.data.demo_crops [--output DIR]``.
 """

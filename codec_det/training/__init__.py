@@ -10,7 +10,14 @@
 - :mod:`codec_det.training.models`: compressed classifier and teacher loading.
 """
 
-from codec_det.training.data import build_train_loader, build_val_loader, load_image_folder, train_transform, val_transform
+from codec_det.training.data import (
+    build_image_folder_loaders,
+    build_train_loader,
+    build_val_loader,
+    load_image_folder,
+    train_transform,
+    val_transform,
+)
 from codec_det.training.distillation import DistillationLoss, distillation_kl
 from codec_det.training.distributed import DistributedContext, cleanup_distributed, init_distributed
 from codec_det.training.loop import evaluate, finetune
@@ -19,6 +26,7 @@ from codec_det.training.models import load_compressed_classifier, load_teacher, 
 __all__ = [
     "DistillationLoss",
     "DistributedContext",
+    "build_image_folder_loaders",
     "build_train_loader",
     "build_val_loader",
     "cleanup_distributed",

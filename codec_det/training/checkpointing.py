@@ -91,6 +91,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python_version, tuple(python_internal), python_gauss))
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_directory(directory: Path) -> None:
     try:
         descriptor = os.open(directory, os.O_RDONLY)
@@ -114,6 +120,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
             torch.save(state, stream)
             stream.flush()
             os.fsync(stream.fileno())
+        # mkstemp creates mode 0600; the checkpoint gets the usual umask mode.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -153,9 +161,7 @@ def save_final_model(model: nn.Module, spec: CompressionSpec, directory: str | o
     os.close(handle)
     try:
         save_file(state, temporary, metadata={"format": "pt", "architecture": spec.architecture})
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, directory / MODEL_FILE)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -34,6 +34,7 @@ __all__ = [
     "SeededDataset",
     "build_train_loader",
     "build_val_loader",
+    "build_image_folder_loaders",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ _LAYOUT_HINT = "expected ImageNet layout DIR/train/<class>/<image> and DIR/val/<
 
 
 def check_image_folder(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
-    """Check that ``root`` holds each split as one folder per class, with the same classes.
+    """Check that ``root`` contains each split as one folder per class, with the same classes.
 
     Returns:
         The sorted class names, as ``ImageFolder`` numbers them.
@@ -110,12 +111,12 @@ def check_image_folder(root: str | os.PathLike, splits: tuple[str, ...] = ("trai
 
 
 def load_image_folder(root: str | os.PathLike, split: str, transform) -> datasets.ImageFolder:
-    """Open ``root/split`` as a torchvision ``ImageFolder``, with a clear error when it holds no images."""
+    """Open ``root/split`` as a torchvision ``ImageFolder``, raising ``DataLayoutError`` when it has no images."""
     folder = Path(root) / split
     try:
         return datasets.ImageFolder(str(folder), transform=transform)
     except FileNotFoundError as error:
-        raise DataLayoutError(f"{folder} holds no readable images: {error}") from None
+        raise DataLayoutError(f"{folder} contains no readable images: {error}") from None
 
 
 class SeededSampler(Sampler):
@@ -275,3 +276,22 @@ def build_val_loader(dataset: Dataset, *, batch_size: int, workers: int = 4,
                             pad=False)
     return _loader(dataset, sampler, batch_size=batch_size, workers=workers, drop_last=False,
                    context=context, seed=0)
+
+
+def build_image_folder_loaders(root: str | os.PathLike, *, image_size: int = 224, batch_size: int = 64,
+                               workers: int = 4, seed: int = 0,
+                               context: DistributedContext = DistributedContext()
+                               ) -> tuple[DataLoader, DataLoader, list[str]]:
+    """Check ``root`` and build its training and validation loaders with the ImageNet transforms.
+
+    Returns:
+        ``(train_loader, val_loader, classes)``.
+    """
+    classes = check_image_folder(root)
+    train_set = load_image_folder(root, "train", train_transform(image_size))
+    val_set = load_image_folder(root, "val", val_transform(image_size))
+    logger.info("data %s: %d training and %d validation images in %d classes", root, len(train_set),
+                len(val_set), len(classes))
+    train_loader = build_train_loader(train_set, batch_size=batch_size, workers=workers, seed=seed, context=context)
+    val_loader = build_val_loader(val_set, batch_size=batch_size, workers=workers, context=context)
+    return train_loader, val_loader, classes

@@ -22,6 +22,7 @@ __all__ = [
     "all_reduce_sum",
     "all_gather_objects",
     "barrier",
+    "broadcast_buffers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """Where this process sits in a (possibly single-process) run.
+    """Rank, world size and device of this process; a single-process run is rank 0 of 1.
 
     Attributes:
         rank: global rank, 0 in a single-process run.
@@ -132,3 +133,15 @@ def all_gather_objects(value: object) -> list[object]:
     gathered: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def broadcast_buffers(module: torch.nn.Module, source: int = 0) -> None:
+    """Copy every buffer of ``module`` (BatchNorm running statistics among them) from rank ``source`` to all ranks.
+
+    After a training step, each rank's running statistics include only its
+    own batch. After this call, every rank evaluates and saves the same set.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, source)

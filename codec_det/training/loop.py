@@ -10,6 +10,10 @@ resumed from it ends with the same parameters as an uninterrupted run, when
 the loaders come from :func:`codec_det.training.data.build_train_loader`.
 On CUDA, cuDNN's non-deterministic kernels make runs differ in the last bits
 unless ``torch.use_deterministic_algorithms(True)`` is set.
+
+NOTE: the CUDA paths (float16 autocast with GradScaler, NCCL) have not been
+run by the test suite, which runs on CPU; the CPU paths and two-process Gloo
+training are tested.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ from codec_det.training.checkpointing import (
     save_checkpoint,
 )
 from codec_det.training.distillation import DistillationLoss
-from codec_det.training.distributed import DistributedContext, all_gather_objects, all_reduce_sum
+from codec_det.training.distributed import (
+    DistributedContext,
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_buffers,
+)
 
 __all__ = ["build_optimizer", "build_scheduler", "evaluate", "finetune"]
 
@@ -337,6 +346,7 @@ def finetune(
         bar.close()
 
         train_loss, train_top1, train_count = all_reduce_sum(meters.clone()).tolist()
+        broadcast_buffers(model)
         val = evaluate(model, val_loader, device=device, amp=amp_enabled, channels_last=channels_last)
         metrics = {
             "epoch": epoch + 1,
