@@ -255,16 +255,7 @@ def finetune(
     amp_enabled = amp and device.type == "cuda"
     if amp and not amp_enabled:
         logger.info("AMP requested but the device is %s; training in float32", device.type)
-
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if teacher is not None:
-        teacher.to(device).eval()
-        if channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        for parameter in teacher.parameters():
-            parameter.requires_grad_(False)
+    _prepare_models(model, teacher, device, channels_last)
 
     sampler = getattr(train_loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
@@ -274,8 +265,9 @@ def finetune(
         raise ValueError("the training loader yields no batch; use a smaller batch size or more images")
 
     optimizer = build_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    scheduler = build_scheduler(optimizer, total_steps=epochs * steps_per_epoch,
-                                warmup_steps=min(round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch))
+    total_steps = epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, total_steps=total_steps,
+                                warmup_steps=min(round(warmup_epochs * steps_per_epoch), total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_enabled)
     if teacher is not None and kd_alpha == 0:
         logger.info("a teacher was given with kd_alpha 0; training on cross-entropy only")
@@ -292,60 +284,26 @@ def finetune(
     elif resume and checkpoint_path is not None:
         logger.info("no checkpoint at %s; starting from the first epoch", checkpoint_path)
 
-    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if context.distributed else model
-    writer = _CheckpointWriter(checkpoint_path, context, model, optimizer, scheduler, scaler, config)
-
-    metrics = state.history[-1] if state.history else None
+    trainer = _Trainer(
+        model=model,
+        teacher=teacher,
+        criterion=criterion,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        writer=_CheckpointWriter(checkpoint_path, context, model, optimizer, scheduler, scaler, config),
+        context=context,
+        device=device,
+        amp=amp_enabled,
+        channels_last=channels_last,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+    )
     for epoch in range(state.epoch, epochs):
         start = time.perf_counter()
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        first_step = state.step_in_epoch if epoch == state.epoch else 0
-        if first_step == 0:
-            state.meters = [0.0, 0.0, 0.0]
-        batches = _skip_batches(train_loader, first_step)
+        meters = trainer.train_epoch(train_loader, state, epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        train_loss, train_top1, train_count = all_reduce_sum(meters).tolist()
 
-        trained.train()
-        bar = tqdm(batches, total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{epochs}",
-                   leave=False, disable=not (progress and context.is_main), dynamic_ncols=True)
-        meters = torch.tensor(state.meters, dtype=torch.float64, device=device)  # loss sum, top-1, count
-        for step, (images, targets) in enumerate(bar, start=first_step):
-            images, targets = _batch_to(images, targets, device, channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp_enabled):
-                logits = trained(images)
-                teacher_logits = None
-                if criterion.alpha > 0:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)
-                loss = criterion(logits, targets, teacher_logits)
-
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-
-            meters[0] += loss.detach().double() * targets.numel()
-            meters[1] += (logits.detach().argmax(dim=1) == targets).sum()
-            meters[2] += targets.numel()
-            state.global_step += 1
-            if (step + 1) % _PROGRESS_EVERY == 0 or step + 1 == steps_per_epoch:
-                loss_value = loss.item()
-                if not math.isfinite(loss_value) and not amp_enabled:
-                    raise FloatingPointError(
-                        f"training loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; "
-                        "lower the learning rate"
-                    )
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-
-            done = step + 1
-            if checkpoint_every and done % checkpoint_every == 0 and done < steps_per_epoch:
-                state.epoch, state.step_in_epoch, state.meters = epoch, done, meters.tolist()
-                writer.write(state)
-        bar.close()
-
-        train_loss, train_top1, train_count = all_reduce_sum(meters.clone()).tolist()
         broadcast_buffers(model)
         val = evaluate(model, val_loader, device=device, amp=amp_enabled, channels_last=channels_last)
         metrics = {
@@ -368,14 +326,15 @@ def finetune(
         )
 
         state.epoch, state.step_in_epoch, state.meters = epoch + 1, 0, [0.0, 0.0, 0.0]
-        writer.write(state)
+        trainer.writer.write(state)
 
-    if metrics is None:
+    if not state.history:
         raise ValueError(f"checkpoint {checkpoint_path} has no finished epoch to report")
+    last = state.history[-1]
     return {
-        "top1": metrics["top1"],
-        "top5": metrics["top5"],
-        "loss": metrics["loss"],
+        "top1": last["top1"],
+        "top5": last["top5"],
+        "loss": last["loss"],
         "best_top1": state.best_top1,
         "best_epoch": state.best_epoch,
         "epochs": epochs,
@@ -384,11 +343,25 @@ def finetune(
     }
 
 
+def _prepare_models(model: nn.Module, teacher: nn.Module | None, device: torch.device, channels_last: bool) -> None:
+    """Move both models to ``device``; freeze the teacher in eval mode."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is None:
+        return
+    teacher.to(device).eval()
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+
+
 class _TrainingState:
     """Progress of a run: what a checkpoint stores besides the model, optimizer, scheduler and scaler."""
 
     def __init__(self):
-        self.epoch = 0  # the epoch in progress, 0-based; equals ``epochs`` when training is done
+        self.epoch = 0  # the epoch in progress, 0-based, or ``epochs`` when training is done
         self.step_in_epoch = 0  # optimizer steps already done in that epoch
         self.global_step = 0
         self.best_top1 = -1.0
@@ -436,6 +409,94 @@ class _CheckpointWriter:
             self.path,
         )
         logger.debug("wrote %s (epoch %d, step %d)", self.path, state.epoch, state.step_in_epoch)
+
+
+class _Trainer:
+    """The optimisation step and one epoch of it, with mid-epoch checkpoints."""
+
+    def __init__(self, *, model: nn.Module, teacher: nn.Module | None, criterion: DistillationLoss,
+                 optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                 writer: "_CheckpointWriter", context: DistributedContext, device: torch.device, amp: bool,
+                 channels_last: bool, checkpoint_every: int, progress: bool):
+        # DistributedDataParallel averages gradients over ranks; it is built
+        # after a resume has loaded the weights, and broadcasts rank 0's.
+        self.trained = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        ) if context.distributed else model
+        self.teacher = teacher
+        self.criterion = criterion
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.writer = writer
+        self.device = device
+        self.amp = amp
+        self.channels_last = channels_last
+        self.checkpoint_every = checkpoint_every
+        self.progress = progress and context.is_main
+
+    def step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one optimisation step on a batch; return the loss and the student's logits (B, K)."""
+        images, targets = _batch_to(images, targets, self.device, self.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            logits = self.trained(images)
+            teacher_logits = None
+            if self.criterion.alpha > 0:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)
+            loss = self.criterion(logits, targets, teacher_logits)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach(), logits.detach()
+
+    def train_epoch(self, loader: DataLoader, state: "_TrainingState", *, epoch: int, epochs: int,
+                    steps_per_epoch: int) -> torch.Tensor:
+        """Train one epoch, from ``state.step_in_epoch`` when resuming it.
+
+        Returns this rank's ``[loss sum, top-1 hits, count]`` over the whole
+        epoch, including the steps done before a resume.
+        """
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        first_step = state.step_in_epoch if epoch == state.epoch else 0
+        if first_step == 0:
+            state.meters = [0.0, 0.0, 0.0]
+        meters = torch.tensor(state.meters, dtype=torch.float64, device=self.device)
+
+        self.trained.train()
+        bar = tqdm(_skip_batches(loader, first_step), total=steps_per_epoch, initial=first_step,
+                   desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not self.progress, dynamic_ncols=True)
+        for step, (images, targets) in enumerate(bar, start=first_step):
+            loss, logits = self.step(images, targets)
+            targets = targets.to(self.device, non_blocking=True)
+            meters[0] += loss.double() * targets.numel()
+            meters[1] += (logits.argmax(dim=1) == targets).sum()
+            meters[2] += targets.numel()
+            state.global_step += 1
+
+            done = step + 1
+            if done % _PROGRESS_EVERY == 0 or done == steps_per_epoch:
+                self._check_loss(loss, epoch, done)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
+            if self.checkpoint_every and done % self.checkpoint_every == 0 and done < steps_per_epoch:
+                state.epoch, state.step_in_epoch, state.meters = epoch, done, meters.tolist()
+                self.writer.write(state)
+        bar.close()
+        return meters
+
+    def _check_loss(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        # Under AMP, GradScaler skips a step whose gradients are not finite
+        # and lowers its scale, so a non-finite loss does not stop the run.
+        value = loss.item()
+        if not math.isfinite(value) and not self.amp:
+            raise FloatingPointError(
+                f"training loss is {value} at epoch {epoch + 1}, step {step}; lower the learning rate"
+            )
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
