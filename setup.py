@@ -18,7 +18,7 @@ setup(
     ),
     python_requires=">=3.10",
     packages=find_packages(include=["codec_det", "codec_det.*"]),
-    package_data={"": ["*.json"]},
+    package_data={"": ["*.json"], "codec_det": ["specs/*.json"]},
     install_requires=[
         "torch",
         "torchvision",

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SPEC_FORMAT", "SPEC_VERSION", "LayerSpec", "CompressionSpec", "SpecError"]
+__all__ = ["SPEC_FORMAT", "SPEC_VERSION", "LayerSpec", "CompressionSpec", "SpecError", "BUNDLED_SPECS", "resolve_spec"]
 
 SPEC_FORMAT = "codec-det-spec"
 SPEC_VERSION = 1
@@ -157,3 +157,27 @@ class CompressionSpec:
         except json.JSONDecodeError as error:
             raise SpecError(f"spec file {path} is not valid JSON: {error}") from None
         return cls.from_dict(data, source=f"spec file {path}")
+
+
+# Structure-only specs of ResNet-50 at each preset, made by compressing
+# randomly initialised weights (seed 0). They let a detector with a compressed
+# backbone train from scratch when no compressed ImageNet weights exist.
+BUNDLED_SPECS = {
+    "codec-45": Path(__file__).parent / "specs" / "resnet50-codec-45.json",
+    "codec-66": Path(__file__).parent / "specs" / "resnet50-codec-66.json",
+}
+
+
+def resolve_spec(value: str | os.PathLike) -> CompressionSpec:
+    """Load a spec from a file path, a directory holding ``spec.json``, or a bundled preset name."""
+    if str(value) in BUNDLED_SPECS:
+        return CompressionSpec.load(BUNDLED_SPECS[str(value)])
+    path = Path(value)
+    if path.is_dir():
+        path = path / "spec.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"spec {value} not found: give a spec.json path, a directory written by tools/compress_backbone.py, "
+            f"or one of the bundled presets {sorted(BUNDLED_SPECS)}"
+        )
+    return CompressionSpec.load(path)

@@ -163,6 +163,8 @@ def coupled_cp_als(
     ridge: float = 1e-10,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    init: str | tuple[torch.Tensor, torch.Tensor, torch.Tensor] = "svd",
+    n_init: int = 1,
 ) -> CoupledCPResult:
     """Fit a rank-``R`` coupled CPD to every group of a layer by ALS.
 
@@ -180,10 +182,19 @@ def coupled_cp_als(
         tol: stopping threshold on the relative change of the error.
         ridge: Tikhonov term added to each normal equation, relative to the
             mean diagonal of its Gram matrix.
-        seed: seeds the random columns used when ``R`` exceeds the rank of the
-            mode-1 unfolding; everything else is deterministic.
+        seed: seeds the random starts and the random columns used when ``R``
+            exceeds the rank of the mode-1 unfolding; the result is
+            deterministic for a seed.
         dtype: precision of the computation (float64 by default, since the
             cheap error formula loses digits in float32).
+        init: ``"svd"`` (``A_g`` from the top-R left singular vectors of the
+            group's mode-1 unfolding, each projected kernel's best rank-1
+            approximation for ``B_m`` and ``C_m``), ``"random"`` (Gaussian
+            factors), or a tuple of factors ``(A, B, C)`` shaped as in
+            ``CoupledCPResult`` to start from.
+        n_init: number of starts: the first from ``init``, the others random.
+            ALS finds a local optimum, so more starts can only lower the
+            error returned, at ``n_init`` times the cost.
 
     Returns:
         A ``CoupledCPResult`` with factors on ``filters.device`` in ``dtype``.
@@ -193,12 +204,34 @@ def coupled_cp_als(
             diverge to NaN or Inf.
     """
     _check_filters(filters, rank)
-    groups, per_group, channels, kh, kw = filters.shape
-    if (kh, kw) == (1, 1):
+    if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
+        raise ValueError(f"n_init must be a positive integer, got {n_init!r}")
+    if filters.shape[3:] == (1, 1):
         return grouped_truncated_svd(filters.to(dtype), rank)
 
     generator = torch.Generator().manual_seed(seed)
     tensor = filters.to(dtype)
+    best = None
+    for start in range(n_init):
+        start_init = init if start == 0 else "random"
+        result = _als(tensor, rank, start_init, generator, n_iter_max=n_iter_max, tol=tol, ridge=ridge)
+        if best is None or result.relative_error < best.relative_error:
+            best = result
+    return best
+
+
+def _als(
+    tensor: torch.Tensor,
+    rank: int,
+    init,
+    generator: torch.Generator,
+    *,
+    n_iter_max: int,
+    tol: float,
+    ridge: float,
+) -> CoupledCPResult:
+    """Run ALS from one starting point; ``tensor`` is (G, M, C, kh, kw) in the working dtype."""
+    groups, per_group, channels, kh, kw = tensor.shape
     free_height, free_width = kh > 1, kw > 1
 
     # The mode-1 unfolding of a group, (G, C, M*kh*kw), serves both the
@@ -206,12 +239,9 @@ def coupled_cp_als(
     unfolding = tensor.permute(0, 2, 1, 3, 4).reshape(groups, channels, per_group * kh * kw)
     norm_squared = unfolding.pow(2).sum(dim=(1, 2))
 
-    input_factors = _initial_input_factors(unfolding, rank, generator)
-
-    # Project every filter on the shared subspace and take the best rank-1
-    # spatial kernel of each component as the initial B_m and C_m.
-    projected = torch.einsum("gcr,gmchw->gmrhw", input_factors, tensor)
-    height_factors, width_factors = _initial_spatial_factors(projected, free_height, free_width)
+    input_factors, height_factors, width_factors = _initial_factors(
+        tensor, unfolding, rank, init, generator, free_height, free_width
+    )
 
     errors: list[float] = []
     n_iter = 0
@@ -260,6 +290,37 @@ def coupled_cp_als(
     total, group_errors = _relative_errors(tensor, approximation)
     logger.debug("coupled CP-ALS: G=%d M=%d R=%d, %d iterations, error %.3e", groups, per_group, rank, n_iter, total)
     return CoupledCPResult(input_factors, height_factors, width_factors, total, group_errors, errors, n_iter)
+
+
+def _initial_factors(tensor, unfolding, rank, init, generator, free_height, free_width):
+    """Return starting ``(A, B, C)`` for ALS, following ``init`` (see ``coupled_cp_als``)."""
+    groups, per_group, channels, kh, kw = tensor.shape
+    if isinstance(init, tuple):
+        expected = [(groups, channels, rank), (groups, per_group, kh, rank), (groups, per_group, kw, rank)]
+        found = [tuple(factor.shape) for factor in init]
+        if found != expected:
+            raise ValueError(f"init factors have shapes {found}, expected {expected}")
+        return tuple(factor.to(device=tensor.device, dtype=tensor.dtype).clone() for factor in init)
+
+    if init == "random":
+        shapes = [(groups, channels, rank), (groups, per_group, kh, rank), (groups, per_group, kw, rank)]
+        factors = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+        factors = [factor.to(device=tensor.device, dtype=tensor.dtype) for factor in factors]
+        if not free_height:
+            factors[1] = torch.ones_like(factors[1])
+        if not free_width:
+            factors[2] = torch.ones_like(factors[2])
+        return tuple(factors)
+
+    if init != "svd":
+        raise ValueError(f"init must be 'svd', 'random' or a tuple of factors, got {init!r}")
+    input_factors = _initial_input_factors(unfolding, rank, generator)
+
+    # Project every filter on the shared subspace and take the best rank-1
+    # spatial kernel of each component as the initial B_m and C_m.
+    projected = torch.einsum("gcr,gmchw->gmrhw", input_factors, tensor)
+    height_factors, width_factors = _initial_spatial_factors(projected, free_height, free_width)
+    return input_factors, height_factors, width_factors
 
 
 def _initial_spatial_factors(
