@@ -57,7 +57,7 @@ CLASS_COLOURS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30,
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Run on one thread: on the shared 2-core machine, 2 threads made each step about 3x slower."""
+    """Run on one thread: with other processes sharing 2 cores, 2 threads made each step about 3x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

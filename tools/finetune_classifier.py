@@ -58,15 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--compressed", type=Path, required=True,
+    model.add_argument("--compressed", type=Path, required=True, metavar="DIR",
                        help="directory written by tools/compress_backbone.py (spec.json + model.safetensors)")
     model.add_argument("--arch", default="resnet50", help="torchvision architecture the spec was made for")
-    model.add_argument("--num-classes", type=int,
+    model.add_argument("--num-classes", type=int, metavar="N",
                        help="replace the classifier head by one with this many classes (a new dataset); "
                             "must equal the number of class folders")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True,
+    data.add_argument("--data", required=True, metavar="DIR",
                       help=f"ImageFolder root with train/ and val/, or '{BUNDLED_DATA}' for the demo crops")
     data.add_argument("--image-size", type=int, default=224, help="training and evaluation crop size, in pixels")
     data.add_argument("--batch-size", type=int, default=64, help="images per step and per process")
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optimisation.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the CE term")
 
     distillation = parser.add_argument_group("knowledge distillation")
-    distillation.add_argument("--teacher-weights", type=Path,
+    distillation.add_argument("--teacher-weights", type=Path, metavar="FILE",
                               help="uncompressed torchvision state dict (.pth or .safetensors) to distil from")
     distillation.add_argument("--kd-alpha", type=float, default=0.5,
                               help="weight of the distillation term; the CE term gets 1 - alpha")
@@ -92,10 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                               help="allow unpickling a trusted teacher .pth that tensor-only loading rejects")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output", type=Path, help="output directory (required unless --eval-only)")
+    run.add_argument("--output", type=Path, metavar="DIR", help="output directory (required unless --eval-only)")
     run.add_argument("--resume", action="store_true",
                      help="continue from OUTPUT/last.pth (starts from the first epoch when there is none)")
-    run.add_argument("--checkpoint-every", type=int, default=0,
+    run.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                      help="also write last.pth every this many steps within an epoch (0: at epoch ends only)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda; under torchrun, cuda:LOCAL_RANK")
     run.add_argument("--amp", action="store_true", help="float16 autocast and gradient scaling (CUDA only)")
