@@ -26,3 +26,26 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The Detectron2 integration registers its backbones on import. Without
+# Detectron2 the core above works on its own.
+try:
+    import detectron2  # noqa: F401
+except ImportError:
+    pass
+else:
+    from codec_det.d2 import (
+        CoDeCCheckpointer,
+        add_codec_config,
+        build_codec_resnet_backbone,
+        build_codec_resnet_fpn_backbone,
+        load_codec_checkpoint,
+    )
+
+    __all__ += [
+        "CoDeCCheckpointer",
+        "add_codec_config",
+        "build_codec_resnet_backbone",
+        "build_codec_resnet_fpn_backbone",
+        "load_codec_checkpoint",
+    ]

@@ -4,9 +4,20 @@
 Writes ``DIR/model.safetensors``, ``DIR/spec.json``, ``DIR/report.csv`` and
 ``DIR/report.png``. The directory appears only when all four are complete.
 
+With ``--from-d2 CHECKPOINT --config CONFIG`` the ResNet-50 bottom-up of a
+trained Detectron2 R50 / R50-FPN model is compressed instead (its config
+decides the stride placement and norm), and ``DIR/model.pth`` is a Detectron2
+checkpoint with the compressed backbone, the original FPN and heads, and the
+spec; ``DIR/config.yaml`` is CONFIG with the CoDeC backbone and these weights,
+ready to fine-tune with tools/train_net.py. Both modes count MACs and
+parameters on the classifier-shaped trunk (ResNet-50 with its 1000-way fc)
+at 224x224, so the presets mean the same in both.
+
 Examples:
     python tools/compress_backbone.py --weights resnet50.pth --preset codec-45 --output out/codec45
     python tools/compress_backbone.py --init random --target-macs 2.0 --output out/trial
+    python tools/compress_backbone.py --from-d2 model_final.pth --config mask_rcnn_R_50_FPN_3x.yaml \\
+        --preset codec-45 --output out/mask_rcnn_codec45
 """
 
 from __future__ import annotations
@@ -33,12 +44,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", type=Path, help="torchvision ResNet-50 state_dict (.pth or .safetensors)")
     source.add_argument("--init", choices=["random"], help="start from randomly initialised weights (trials)")
+    source.add_argument("--from-d2", type=Path, metavar="CHECKPOINT",
+                        help="trained Detectron2 R50 / R50-FPN checkpoint whose bottom-up to compress (needs --config)")
+    parser.add_argument("--config", type=Path, metavar="CONFIG",
+                        help="Detectron2 config the --from-d2 model was trained with")
 
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--preset", choices=sorted(PRESETS), help="operating point of the CoDeC paper")
-    budget.add_argument("--target-macs", type=float, metavar="G", help="total MACs of the compressed model, in G")
+    budget.add_argument("--target-macs", type=float, metavar="G",
+                        help="total MACs of the compressed ResNet-50 classifier at 224x224, in G "
+                        "(with --from-d2: its bottom-up plus a 1000-way fc, not the detector)")
     parser.add_argument("--target-params", type=float, metavar="M",
-                        help="total parameters of the compressed model, in millions (with --target-macs)")
+                        help="total parameters of the compressed ResNet-50 classifier, in millions (with --target-macs)")
 
     parser.add_argument("--output", type=Path, required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -49,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="device for the decomposition, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and clustering")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow unpickling a trusted .pth file that tensor-only loading rejects")
+                        help="allow unpickling a trusted .pth file that tensor-only loading rejects, "
+                        "or a Detectron2 .pkl model with --from-d2")
     return parser.parse_args(argv)
 
 
@@ -67,6 +85,15 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --rank-multiple must be a positive integer, got {args.rank_multiple}")
     if args.weights is not None and not args.weights.is_file():
         raise SystemExit(f"error: --weights file {args.weights} not found")
+    if args.from_d2 is not None:
+        if args.config is None:
+            raise SystemExit("error: --from-d2 needs --config, the Detectron2 config the model was trained with")
+        if not args.from_d2.is_file():
+            raise SystemExit(f"error: --from-d2 checkpoint {args.from_d2} not found")
+        if not args.config.is_file():
+            raise SystemExit(f"error: --config file {args.config} not found")
+    elif args.config is not None:
+        raise SystemExit("error: --config goes with --from-d2; the other modes compress a torchvision ResNet-50")
     output = args.output
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise SystemExit(f"error: output {output} exists and is not empty; pass --overwrite or choose another --output")
@@ -105,8 +132,11 @@ def run(args: argparse.Namespace) -> int:
         target_params = args.target_params * 1e6 if args.target_params is not None else None
         label = f"{args.target_macs:g} GMACs"
 
-    model = build_model(args)
     settings = ALSSettings(n_iter_max=args.als_iterations, seed=args.seed)
+    if args.from_d2 is not None:
+        return run_from_d2(args, target_macs, target_params, label, settings)
+
+    model = build_model(args)
     result = compress_model(
         model,
         target_macs=target_macs,
@@ -127,6 +157,63 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{label}: {totals['macs_before'] / 1e9:.3f} -> {totals['macs_after'] / 1e9:.3f} GMACs, "
         f"{totals['params_before'] / 1e6:.2f} -> {totals['params_after'] / 1e6:.2f} M params; wrote {args.output}"
+    )
+    return 0
+
+
+def run_from_d2(
+    args: argparse.Namespace, target_macs: float, target_params: float | None, label: str, settings: ALSSettings
+) -> int:
+    """Compress the bottom-up of a Detectron2 checkpoint and write the checkpoint, spec, report and config."""
+    # Detectron2 is needed only in this mode; the other modes run without it.
+    from detectron2.config import get_cfg
+
+    from codec_det.checkpoint import SPEC_FILE
+    from codec_det.d2.checkpoint import save_d2_checkpoint
+    from codec_det.d2.compress import CODEC_BACKBONE_NAMES, compress_d2_state, read_source_checkpoint
+    from codec_det.d2.config import add_codec_config
+    from codec_det.d2.convert import D2_MODEL_FILE
+
+    cfg = get_cfg()
+    add_codec_config(cfg)
+    try:
+        cfg.merge_from_file(str(args.config))
+    except KeyError as error:
+        raise ValueError(f"--config {args.config}: {error.args[0]}; fix or remove that key") from None
+
+    torch.manual_seed(args.seed)
+    state = read_source_checkpoint(args.from_d2, allow_pickle=args.allow_pickle)
+    new_state, result = compress_d2_state(
+        state,
+        cfg,
+        source=str(args.from_d2),
+        device=args.device,
+        target_macs=target_macs,
+        target_params=target_params,
+        groups=args.groups,
+        rank_multiple=args.rank_multiple,
+        settings=settings,
+    )
+    result.spec.metadata["target"] = label
+
+    output_cfg = cfg.clone()
+    output_cfg.MODEL.BACKBONE.NAME = CODEC_BACKBONE_NAMES.get(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.NAME)
+    output_cfg.MODEL.WEIGHTS = str((args.output / D2_MODEL_FILE).resolve())
+    output_cfg.MODEL.CODEC.SPEC = ""
+
+    with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
+        save_d2_checkpoint(staging / D2_MODEL_FILE, new_state, result.spec)
+        result.spec.save(staging / SPEC_FILE)
+        write_report_csv(result.layers, result.totals, staging / "report.csv")
+        plot_mac_reduction(result.layers, result.totals, staging / "report.png", title=label)
+        (staging / "config.yaml").write_text(output_cfg.dump())
+
+    totals = result.totals
+    print(
+        f"{label}: bottom-up as a 224x224 classifier {totals['macs_before'] / 1e9:.3f} -> "
+        f"{totals['macs_after'] / 1e9:.3f} GMACs, {totals['params_before'] / 1e6:.2f} -> "
+        f"{totals['params_after'] / 1e6:.2f} M params; wrote {args.output / D2_MODEL_FILE} and "
+        f"{args.output / 'config.yaml'}"
     )
     return 0
 
