@@ -92,8 +92,17 @@ def layer_spec(layer: CoDeCConv2d) -> LayerSpec:
     )
 
 
-def build_layer(spec: LayerSpec, name: str = "layer") -> CoDeCConv2d:
-    """Build an uninitialised ``CoDeCConv2d`` with the structure ``spec`` describes."""
+def build_layer(spec: LayerSpec, name: str = "layer") -> nn.Module:
+    """Build an uninitialised compressed layer with the structure ``spec`` describes.
+
+    Method ``"codec"`` gives a ``CoDeCConv2d``; the baseline methods ``"cp"``,
+    ``"tucker2"`` and ``"svd"`` give their layers from ``codec_det.baselines``.
+    """
+    if spec.method in ("cp", "tucker2", "svd"):
+        # Imported here: codec_det.baselines imports this module.
+        from codec_det.baselines.methods import build_baseline_layer
+
+        return build_baseline_layer(spec, name)
     if spec.method != "codec" or spec.layout != CODEC_LAYOUT:
         raise SpecError(
             f"layer {name}: method {spec.method!r} with layout {spec.layout!r} is not a CoDeC layer "

@@ -16,6 +16,7 @@ at 224x224, so the presets mean the same in both.
 Examples:
     python tools/compress_backbone.py --weights resnet50.pth --preset codec-45 --output out/codec45
     python tools/compress_backbone.py --init random --target-macs 2.0 --output out/trial
+    python tools/compress_backbone.py --weights resnet50.pth --method tucker2 --preset codec-45 --output out/tk45
     python tools/compress_backbone.py --from-d2 model_final.pth --config mask_rcnn_R_50_FPN_3x.yaml \\
         --preset codec-45 --output out/mask_rcnn_codec45
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from codec_det.baselines import METHODS, BaselineSettings, compress_model_baseline
 from codec_det.checkpoint import atomic_output_dir, load_state_dict_file, load_weights_strict, save_compressed
 from codec_det.compress import compress_model
 from codec_det.decompose import ALSSettings
@@ -59,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser.add_argument("--output", type=Path, required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--method", choices=METHODS, default="codec",
+                        help="codec (default), or a per-layer baseline at the same budget: cp (CP of kxk kernels), "
+                        "tucker2 (Tucker-2 of kxk kernels), svd (truncated SVD); cp and tucker2 use svd for 1x1 convs")
     parser.add_argument("--groups", type=int, help="filter groups G for every conv (default: per-layer rule)")
     parser.add_argument("--rank-multiple", type=int, default=8, help="ranks are multiples of this (default 8)")
     parser.add_argument("--als-iterations", type=int, default=ALSSettings.n_iter_max,
@@ -83,6 +88,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --groups must be a positive integer, got {args.groups}")
     if args.rank_multiple <= 0:
         raise SystemExit(f"error: --rank-multiple must be a positive integer, got {args.rank_multiple}")
+    if args.method != "codec" and args.groups is not None:
+        raise SystemExit(f"error: --groups applies to --method codec only; the {args.method} layers have no groups")
+    if args.method != "codec" and args.from_d2 is not None:
+        raise SystemExit(f"error: --from-d2 compresses with --method codec only, got --method {args.method}")
     if args.weights is not None and not args.weights.is_file():
         raise SystemExit(f"error: --weights file {args.weights} not found")
     if args.from_d2 is not None:
@@ -137,15 +146,27 @@ def run(args: argparse.Namespace) -> int:
         return run_from_d2(args, target_macs, target_params, label, settings)
 
     model = build_model(args)
-    result = compress_model(
-        model,
-        target_macs=target_macs,
-        target_params=target_params,
-        groups=args.groups,
-        rank_multiple=args.rank_multiple,
-        settings=settings,
-        architecture="resnet50",
-    )
+    if args.method != "codec":
+        result = compress_model_baseline(
+            model,
+            args.method,
+            target_macs=target_macs,
+            target_params=target_params,
+            rank_multiple=args.rank_multiple,
+            settings=BaselineSettings(cp_iterations=args.als_iterations, seed=args.seed),
+            architecture="resnet50",
+        )
+        label = f"{label} ({args.method})"
+    else:
+        result = compress_model(
+            model,
+            target_macs=target_macs,
+            target_params=target_params,
+            groups=args.groups,
+            rank_multiple=args.rank_multiple,
+            settings=settings,
+            architecture="resnet50",
+        )
     result.spec.metadata["target"] = label
 
     with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
