@@ -206,6 +206,17 @@ def test_missing_bottom_up_rejected(trained):
         compress_d2_state(state, cfg, plan={}, input_size=(64, 64), progress=False)
 
 
+def test_compressed_checkpoint_rejected(trained, compressed):
+    _, config, _ = trained
+    output, _, _ = compressed
+    cfg = get_cfg()
+    add_codec_config(cfg)
+    cfg.merge_from_file(str(config))
+
+    with pytest.raises(ValueError, match="already has a CoDeC-compressed backbone"):
+        compress_d2_state(read_source_checkpoint(output), cfg, plan={}, input_size=(64, 64), progress=False)
+
+
 def test_pickle_requires_allow_pickle(tmp_path):
     path = tmp_path / "model_final.pkl"
     path.write_bytes(b"not read")
