@@ -32,6 +32,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],
-        "export": ["onnx", "onnxruntime"],
+        # torch.onnx.export (the torch.export-based exporter, default since torch 2.9) needs onnxscript.
+        "export": ["onnx", "onnxruntime", "onnxscript"],
     },
 )

@@ -181,8 +181,8 @@ step "check Detectron2 imports"
     || fail "Detectron2 was installed but does not import; see the traceback above"
 
 # ---------------------------------------------------------------------------
-step "install codec-det (editable, with test extras)"
-pip_install -e "$REPO_ROOT[test]"
+step "install codec-det (editable, with test and export extras)"
+pip_install -e "$REPO_ROOT[test,export]"
 
 # ---------------------------------------------------------------------------
 step "fetch demo data"
