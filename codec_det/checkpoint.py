@@ -114,7 +114,7 @@ def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) ->
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+        raise ValueError(f"weights file {path} contains a {type(state).__name__}, not a state dict")
     return state
 
 

@@ -176,7 +176,7 @@ def foldable_convs(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
 
     A conv qualifies when its only consumer is a ``BatchNorm2d``, optionally
     followed by one elementwise ReLU, and everything after that is convs with
-    ``groups == 1``: permuting the batch norm's channels and the convs' input
+    ``groups == 1``. Permuting the batch norm's channels and the convs' input
     channels then absorbs any order of the conv's filters.
 
     Returns:

@@ -1,6 +1,6 @@
 """Coupled canonical polyadic decomposition (coupled CPD) of groups of conv filters.
 
-Each group ``g`` holds ``M`` filters ``W_m`` of shape ``(C, kh, kw)``. The model
+Each group ``g`` contains ``M`` filters ``W_m`` of shape ``(C, kh, kw)``. The model
 fitted to the group is
 
     W_m ~= [[A_g, B_m, C_m]] = sum_r A_g[:, r] o B_m[:, r] o C_m[:, r]
@@ -86,7 +86,7 @@ def grouped_truncated_svd(filters: torch.Tensor, rank: int) -> CoupledCPResult:
 
     For 1x1 filters the coupled CPD of a group is the rank-``R`` factorisation of
     its ``(M, C)`` weight matrix, and the truncated SVD is its exact optimum
-    (Eckart-Young). ``A_g`` holds the top right singular vectors and ``B_m`` the
+    (Eckart-Young). ``A_g`` contains the top right singular vectors and ``B_m`` the
     scaled left singular vectors.
 
     Args:
@@ -138,7 +138,7 @@ def _solve_normal_equations(gram: torch.Tensor, mttkrp: torch.Tensor, ridge: flo
 
     ``gram``: (..., R, R) symmetric; ``mttkrp``: (..., I, R). The ridge
     ``lambda`` is relative to the mean diagonal of ``gram``, so it has the same
-    effect whatever the scale of the weights; it keeps the system solvable when
+    effect whatever the scale of the weights. It keeps the system solvable when
     components become collinear, which is how CP degeneracy starts.
     """
     rank = gram.shape[-1]
@@ -183,7 +183,7 @@ def coupled_cp_als(
         ridge: Tikhonov term added to each normal equation, relative to the
             mean diagonal of its Gram matrix.
         seed: seeds the random starts and the random columns used when ``R``
-            exceeds the rank of the mode-1 unfolding; the result is
+            exceeds the rank of the mode-1 unfolding. The result is
             deterministic for a seed.
         dtype: precision of the computation (float64 by default, since the
             cheap error formula loses digits in float32).
@@ -260,7 +260,7 @@ def _als(
             width_factors = _solve_normal_equations(gram_input[:, None] * gram_height, mttkrp, ridge)
 
         # Shared factor: the Khatri-Rao products of all filters of a group are
-        # stacked, so A_g sees every filter at once.
+        # stacked, so the A_g update uses every filter at once.
         khatri_rao = torch.einsum("gmhr,gmwr->gmhwr", height_factors, width_factors)
         khatri_rao = khatri_rao.reshape(groups, per_group * kh * kw, rank)
         gram_spatial = (

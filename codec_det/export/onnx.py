@@ -10,6 +10,7 @@ height and width are declared as multiples of ``size_multiple``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Sequence
@@ -83,6 +84,10 @@ def export_onnx(
         height_dim = torch.export.Dim("height", min=min_side, max=_MAX_SIDE)
         width_dim = torch.export.Dim("width", min=min_side, max=_MAX_SIDE)
 
+    if any(not tensor.is_contiguous() for tensor in (*model.parameters(), *model.buffers())):
+        # torch.export fails on channels_last weights with symbolic sizes ("Invalid ranges"); ONNX has no
+        # memory format, so a contiguous copy exports the same graph.
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     wrapper = NamedOutputs(model, output_names).eval()
     with torch.no_grad():
         torch.onnx.export(
