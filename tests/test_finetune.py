@@ -222,6 +222,19 @@ def test_resume_rejects_other_batch_size_mid_epoch(compressed_dir, image_folder,
                  checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
+def test_resume_rejects_other_model(image_folder, uninterrupted, tmp_path):
+    _, _, finished_dir = uninterrupted
+    shutil.copy(finished_dir / "last.pth", tmp_path / "last.pth")
+    dense = torchvision.models.resnet18(num_classes=3)
+    train_set = load_image_folder(image_folder, "train", train_transform(IMAGE_SIZE))
+    val_set = load_image_folder(image_folder, "val", val_transform(IMAGE_SIZE))
+
+    with pytest.raises(ValueError, match="does not match this model"):
+        finetune(dense, build_train_loader(train_set, batch_size=4, workers=0),
+                 build_val_loader(val_set, batch_size=6, workers=0), epochs=2, lr=0.05,
+                 checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------

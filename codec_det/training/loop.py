@@ -504,8 +504,14 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
     checkpoint = load_checkpoint(path)
     _check_resume_config(checkpoint.get("config", {}), config, checkpoint["step_in_epoch"], path)
 
-    model.load_state_dict(checkpoint["model"], strict=True)
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"checkpoint {path} does not match this model ({error}); resume with the same --compressed, "
+            "--arch and --num-classes, or choose another --output"
+        ) from None
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler.is_enabled() and checkpoint["scaler"]:
         scaler.load_state_dict(checkpoint["scaler"])
