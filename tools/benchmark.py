@@ -18,7 +18,7 @@ Models are built from the bundled specs (codec_det.spec.resolve_spec) with
 random weights: structure, not weight values, decides latency. MACs and
 parameters are fvcore's, of the training form at batch 1. Latency is the
 median over --repeats timed rounds after --warmup rounds, with the 25th and
-75th percentiles; in each round every model runs once in turn, so that load
+75th percentiles. In each round every model runs once in turn, so that load
 changes on a shared machine hit all models alike. Speedups are ratios of
 medians to the original's from the same rounds.
 
@@ -94,8 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--output", type=Path, default=Path("output/benchmark"), help="output directory")
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (5 if args.quick else 7)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 7
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
     return args
 
 
@@ -292,43 +294,62 @@ def machine_description(device: str, threads: int) -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads, torch {torch.__version__}"
 
 
-def format_markdown(results: dict[str, Any]) -> str:
-    lines = []
-    lines.append("| target | model | input | GMACs | M params | MACs ratio |")
-    lines.append("|---|---|---|---|---|---|")
+def complexity_table(results: dict[str, Any]) -> list[str]:
+    lines = ["| target | model | input | GMACs | M params | MACs ratio |", "|---|---|---|---|---|---|"]
     for target, data in results["targets"].items():
         base = data["complexity"]["original"]["macs"]
+        size = "x".join(map(str, data["input_size"]))
         for name, entry in data["complexity"].items():
-            size = "x".join(map(str, data["input_size"]))
             lines.append(
                 f"| {target} | {name} | {size} | {entry['macs'] / 1e9:.2f} | {entry['params'] / 1e6:.2f} | "
                 f"{base / entry['macs']:.2f}x |"
             )
-    lines.append("")
-    lines.append("Latency: median ms (25th-75th percentile); speedup = original's median / model's median, same rounds.")
-    lines.append("")
-    lines.append("| target | batch | runtime | original | codec-45 | codec-66 | codec-45 speedup | codec-66 speedup |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    return lines
+
+
+def latency_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "Latency: median ms (25th-75th percentile); speedup = original's median / model's median, same rounds.",
+        "",
+        "| target | batch | runtime | original | codec-45 | codec-66 | codec-45 speedup | codec-66 speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for target, data in results["targets"].items():
         for batch, runtimes in data["latency"].items():
             for runtime, stats in runtimes.items():
-                cells = [f"{stats[name]['median_ms']:.1f} ({stats[name]['p25_ms']:.1f}-{stats[name]['p75_ms']:.1f})" for name in MODELS]
+                cells = [
+                    f"{stats[name]['median_ms']:.1f} ({stats[name]['p25_ms']:.1f}-{stats[name]['p75_ms']:.1f})"
+                    for name in MODELS
+                ]
                 base = stats["original"]["median_ms"]
                 speedups = [f"{base / stats[name]['median_ms']:.2f}x" for name in MODELS[1:]]
                 lines.append(f"| {target} | {batch} | {runtime} | " + " | ".join(cells + speedups) + " |")
+    return lines
+
+
+def layer_tables(results: dict[str, Any]) -> list[str]:
+    lines = []
     for target, data in results["targets"].items():
         for name, rows in data.get("layers", {}).items():
-            lines.append("")
-            lines.append(f"Compressed layers of {name} ({target}, batch 1, channels_last): median ms, dense conv vs fused CoDeC layer.")
-            lines.append("")
-            lines.append("| layer | input | kernel | G | R | dense | fused | speedup |")
-            lines.append("|---|---|---|---|---|---|---|---|")
+            lines += [
+                "",
+                f"Compressed layers of {name} ({target}, batch 1, channels_last): median ms of the dense conv "
+                "and of the fused CoDeC layer, each alone on the input it receives in the model.",
+                "",
+                "| layer | input | kernel | G | R | dense | fused | speedup |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for row in rows:
                 lines.append(
                     f"| {row['layer']} | {'x'.join(map(str, row['input_shape'][1:]))} | "
                     f"{'x'.join(map(str, row['kernel_size']))} | {row['groups']} | {row['rank']} | "
                     f"{row['dense_ms']:.2f} | {row['fused_ms']:.2f} | {row['speedup']:.2f}x |"
                 )
+    return lines
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    lines = complexity_table(results) + [""] + latency_table(results) + layer_tables(results)
     return "\n".join(lines) + "\n"
 
 

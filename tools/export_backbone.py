@@ -124,9 +124,9 @@ def print_report(report: dict) -> None:
     for name, entry in report["artifacts"].items():
         for check in entry["checks"]:
             error = check["max_rel_error"]
-            shown = "n/a" if error is None else f"{error:.3g}"
+            error_text = "n/a" if error is None else f"{error:.3g}"
             result = "pass" if check["passed"] else f"FAIL: {check['detail']}"
-            print(f"{name:<22} {'x'.join(map(str, check['input_shape'])):<16} {shown:>14}  {result}")
+            print(f"{name:<22} {'x'.join(map(str, check['input_shape'])):<16} {error_text:>14}  {result}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """TorchScript export of a whole Detectron2 R-CNN through Detectron2's ``TracingAdapter``.
 
 The traced module takes one image, a float tensor (3, H, W) in the
-``INPUT.FORMAT`` channel order and 0-255 range; the model's own
+``INPUT.FORMAT`` channel order and 0-255 range. The model's own
 preprocessing (normalisation, padding to ``size_divisibility``) is inside the
 graph. It returns the fields of the predicted ``Instances`` flattened to a
 tuple of tensors, in the order of Detectron2's ``flatten_to_tuple``: boxes

@@ -75,7 +75,7 @@ ERROR_METRIC = "max|artifact - pytorch| / max|pytorch| per output tensor, larges
 
 @dataclass
 class ExportSettings:
-    """What to export and how to check it.
+    """Settings of one export: the artifacts to make and the checks to run.
 
     Attributes:
         input_size: (H, W) of the traced input; the first check runs there at batch 1.
@@ -203,12 +203,15 @@ def export_subject(
 ) -> dict[str, Any]:
     """Write and verify every artifact of ``subject`` into ``output``; returns the report.
 
+    Artifacts are made and checked one after another, and the first one that
+    fails a check stops the export.
+
     Raises:
         ValueError: an invalid setting (unknown deploy form, size not divisible,
             ``full_detector`` for a classifier); nothing is written.
         FileExistsError: ``output`` is not empty and ``overwrite`` is not set.
         ExportVerificationError: an artifact failed its check; ``output`` is
-            left as it was and the error carries the report.
+            left as it was and the error carries the report of the checks run.
     """
     _validate(subject, settings)
     reference = subject.model.eval()
@@ -221,26 +224,17 @@ def export_subject(
     if settings.deploy_form == "fast":
         deploy_summary = to_deploy_form(export_model).summary()
 
-    checks: dict[str, list[ArtifactCheck]] = {}
-    timings: dict[str, float] = {}
-    with atomic_output_dir(output, overwrite=overwrite) as staging:
-        start = time.perf_counter()
+    def weights_step(staging: Path) -> list[ArtifactCheck]:
         _save_weights(subject, staging)
         rebuilt = _rebuild(subject, staging)
-        checks[WEIGHTS_FILE] = check_artifact(WEIGHTS_FILE, rebuilt, inputs, expected, settings.tolerance)
-        timings[WEIGHTS_FILE] = time.perf_counter() - start
-        _log_checks(checks[WEIGHTS_FILE])
-        del rebuilt
+        return check_artifact(WEIGHTS_FILE, rebuilt, inputs, expected, settings.tolerance)
 
-        start = time.perf_counter()
+    def torchscript_step(staging: Path) -> list[ArtifactCheck]:
         save_torchscript(trace_module(export_model, inputs[0]), staging / TORCHSCRIPT_FILE)
         traced = load_torchscript(staging / TORCHSCRIPT_FILE)
-        checks[TORCHSCRIPT_FILE] = check_artifact(TORCHSCRIPT_FILE, traced, inputs, expected, settings.tolerance)
-        timings[TORCHSCRIPT_FILE] = time.perf_counter() - start
-        _log_checks(checks[TORCHSCRIPT_FILE])
-        del traced
+        return check_artifact(TORCHSCRIPT_FILE, traced, inputs, expected, settings.tolerance)
 
-        start = time.perf_counter()
+    def onnx_step(staging: Path) -> list[ArtifactCheck]:
         export_onnx(
             export_model,
             inputs[0],
@@ -251,44 +245,46 @@ def export_subject(
         )
         check_onnx(staging / ONNX_FILE)
         runner = OnnxRunner(staging / ONNX_FILE, threads=torch.get_num_threads())
-        checks[ONNX_FILE] = check_artifact(ONNX_FILE, runner, inputs, expected, settings.tolerance)
-        timings[ONNX_FILE] = time.perf_counter() - start
-        _log_checks(checks[ONNX_FILE])
-        del runner
+        return check_artifact(ONNX_FILE, runner, inputs, expected, settings.tolerance)
 
-        if settings.full_detector:
+    steps: list[tuple[str, Callable[[Path], list[ArtifactCheck]]]] = [
+        (WEIGHTS_FILE, weights_step),
+        (TORCHSCRIPT_FILE, torchscript_step),
+        (ONNX_FILE, onnx_step),
+    ]
+    if settings.full_detector:
+        steps.append((DETECTOR_FILE, lambda staging: _export_detector(subject, settings, staging)))
+
+    report = {
+        "kind": subject.kind,
+        "model": _describe(subject),
+        "source": subject.source,
+        "compressed_layers": len(subject.spec.layers),
+        "deploy_form": settings.deploy_form,
+        "deploy_changes": deploy_summary,
+        "opset": settings.opset,
+        "tolerance": settings.tolerance,
+        "error_metric": ERROR_METRIC,
+        "passed": False,
+        "artifacts": {},
+        "versions": _versions(),
+    }
+    with atomic_output_dir(output, overwrite=overwrite) as staging:
+        for name, step in steps:
             start = time.perf_counter()
-            checks[DETECTOR_FILE] = _export_detector(subject, settings, staging)
-            timings[DETECTOR_FILE] = time.perf_counter() - start
-            _log_checks(checks[DETECTOR_FILE])
+            checks = step(staging)
+            _log_checks(checks)
+            passed = all(check.passed for check in checks)
+            report["artifacts"][name] = {
+                "passed": passed,
+                "seconds": round(time.perf_counter() - start, 2),
+                "checks": [check.to_dict() for check in checks],
+            }
+            if not passed:
+                failed = ", ".join(f"{name} at {'x'.join(map(str, c.input_shape))}" for c in checks if not c.passed)
+                raise ExportVerificationError(f"check failed ({failed}); nothing was written to {output}", report)
 
-        passed = all(check.passed for group in checks.values() for check in group)
-        report = {
-            "kind": subject.kind,
-            "model": _describe(subject),
-            "source": subject.source,
-            "compressed_layers": len(subject.spec.layers),
-            "deploy_form": settings.deploy_form,
-            "deploy_changes": deploy_summary,
-            "opset": settings.opset,
-            "tolerance": settings.tolerance,
-            "error_metric": ERROR_METRIC,
-            "passed": passed,
-            "artifacts": {
-                name: {
-                    "passed": all(check.passed for check in group),
-                    "seconds": round(timings[name], 2),
-                    "checks": [check.to_dict() for check in group],
-                }
-                for name, group in checks.items()
-            },
-            "versions": _versions(),
-        }
-        if not passed:
-            failed = [f"{c.artifact} at {'x'.join(map(str, c.input_shape))}" for g in checks.values() for c in g if not c.passed]
-            raise ExportVerificationError(
-                f"{len(failed)} check(s) failed ({', '.join(failed)}); nothing was written to {output}", report
-            )
+        report["passed"] = True
         with open(staging / REPORT_FILE, "w") as stream:
             json.dump(report, stream, indent=1)
             stream.write("\n")

@@ -158,7 +158,7 @@ def _detectron2_config(config_file: str | os.PathLike, weights: str | os.PathLik
 
 
 def _strict_checkpointer(model: nn.Module, weights: str, required_prefix: str):
-    """A ``CoDeCCheckpointer`` that also requires every weight under ``required_prefix`` to be in ``weights``."""
+    """Build a ``CoDeCCheckpointer`` that also requires every weight under ``required_prefix`` to be in ``weights``."""
     from codec_det.d2 import CoDeCCheckpointer
 
     class _ExportCheckpointer(CoDeCCheckpointer):
@@ -170,11 +170,11 @@ def _strict_checkpointer(model: nn.Module, weights: str, required_prefix: str):
             )
             shapes = [key for key, *_ in incompatible.incorrect_shapes if key.startswith(required_prefix)]
             if missing or shapes:
-                shown = ", ".join((missing + shapes)[:10])
+                listed_keys = ", ".join((missing + shapes)[:10])
                 more = len(missing) + len(shapes) - 10
                 raise SpecError(
                     f"checkpoint {weights} lacks weights of the exported model under "
-                    f"{required_prefix or '(no prefix)'!r}: {shown}{f' and {more} more' if more > 0 else ''}. "
+                    f"{required_prefix or '(no prefix)'!r}: {listed_keys}{f' and {more} more' if more > 0 else ''}. "
                     "A checkpoint from tools/convert_to_d2.py holds only the ResNet; export a trained detector "
                     "checkpoint (tools/train_net.py writes OUTPUT_DIR/model_final.pth)"
                 )

@@ -108,9 +108,9 @@ def time_compressed_layers(
 ) -> list[LayerTiming]:
     """Time every ``CoDeCConv2d`` of ``model`` in its fused deployment form against the equivalent dense conv.
 
-    Each layer's input is recorded in one forward pass of ``example``; then the
-    layer's fused form and its ``to_dense()`` conv run on that input in turns
-    (norms and activations excluded). Returns one row per compressed layer,
+    Each layer's input is recorded in one forward pass of ``example``. Then the
+    layer's fused form and its ``to_dense()`` conv run on that input in turns,
+    without the norms and activations. Returns one row per compressed layer,
     in model order.
     """
     inputs: dict[str, torch.Tensor] = {}

@@ -2,9 +2,8 @@
 
 Tracing records the operations run on one example input. The backbones here
 have no data-dependent control flow, so the traced graph is valid at other
-batch sizes and image sizes (for Detectron2 backbones, sizes divisible by the
-backbone's ``size_divisibility``); ``codec_det.export.verify`` checks that at a
-second size. ``torch.jit`` is deprecated in torch 2.14 (it warns with a
+batch sizes and image sizes: for Detectron2 backbones, sizes divisible by the
+backbone's ``size_divisibility``. The export checks this at a second size. ``torch.jit`` is deprecated in torch 2.14 (it warns with a
 ``FutureWarning``) but still the format that C++ ``torch::jit::load`` reads.
 """
 
