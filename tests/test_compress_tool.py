@@ -1,0 +1,97 @@
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "compress_backbone.py"
+REQUIRED_COLUMNS = [
+    "layer", "shape", "groups", "rank", "macs_before", "macs_after",
+    "params_before", "params_after", "rel_error",
+]
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("compress_backbone", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compress_backbone"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def quick_args(output):
+    return ["--init", "random", "--target-macs", "3.4", "--als-iterations", "1", "--output", str(output)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tool, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run") / "codec"
+    assert tool.main(quick_args(output)) == 0
+    return output
+
+
+def test_writes_all_outputs(finished_run):
+    names = sorted(path.name for path in finished_run.iterdir())
+
+    assert names == ["model.safetensors", "report.csv", "report.png", "spec.json"]
+
+
+def test_report_has_layer_rows_and_total(finished_run):
+    with open(finished_run / "report.csv") as stream:
+        rows = list(csv.DictReader(stream))
+
+    assert list(rows[0]) [: len(REQUIRED_COLUMNS)] == REQUIRED_COLUMNS
+    assert rows[-1]["layer"] == "total"
+    assert int(rows[-1]["macs_before"]) == 4111512576
+    assert abs(int(rows[-1]["macs_after"]) / 3.4e9 - 1) <= 0.02
+    assert len(rows) == 53
+
+
+def test_rejects_non_empty_output(tool, finished_run):
+    with pytest.raises(SystemExit, match="pass --overwrite"):
+        tool.main(quick_args(finished_run))
+
+
+def test_failed_run_leaves_no_output(tool, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash while writing the chart")
+
+    monkeypatch.setattr(tool, "plot_mac_reduction", crash)
+    output = tmp_path / "codec"
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tool.main(quick_args(output))
+
+    assert not output.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_target_below_floor_is_an_error(tool, tmp_path, caplog):
+    args = ["--init", "random", "--target-macs", "0.2", "--output", str(tmp_path / "out")]
+
+    assert tool.main(args) == 2
+    assert "MACs target 0.200 G is below" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_weights_file(tool, tmp_path):
+    args = ["--weights", str(tmp_path / "absent.pth"), "--preset", "codec-45", "--output", str(tmp_path / "out")]
+
+    with pytest.raises(SystemExit, match="absent.pth not found"):
+        tool.main(args)
+
+
+def test_nan_weights_rejected(tool, tmp_path, caplog):
+    import torch
+    import torchvision
+
+    state = torchvision.models.resnet50().state_dict()
+    state["layer2.0.conv2.weight"][0, 0, 0, 0] = float("nan")
+    weights = tmp_path / "nan.pth"
+    torch.save(state, weights)
+    args = ["--weights", str(weights), "--preset", "codec-45", "--output", str(tmp_path / "out")]
+
+    assert tool.main(args) == 2
+    assert "layer2.0.conv2.weight contains NaN or Inf" in caplog.text
