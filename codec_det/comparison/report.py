@@ -159,6 +159,23 @@ def _layer_table(runs: list[RunResult], variants: list[str]) -> tuple[list[str],
     return lines, summary
 
 
+def _pairwise_lines(runs: list[RunResult], variants: list[str]) -> list[str]:
+    """One line per other variant: on how many layers CoDeC's error is lower, and the mean relative difference."""
+    table = layer_errors(runs)
+    lines = []
+    for other in variants:
+        if other == "codec":
+            continue
+        pairs = [(errors["codec"], errors[other]) for errors in table.values() if "codec" in errors and other in errors]
+        if not pairs:
+            continue
+        wins = sum(codec < value for codec, value in pairs)
+        relative = sum(codec / value - 1 for codec, value in pairs if value > 0) / len(pairs)
+        lines.append(f"- CoDeC against {VARIANT_LABELS.get(other, other)}: lower error on {wins} of {len(pairs)} "
+                     f"layers, {100 * relative:+.1f}% on average.")
+    return lines
+
+
 def render_markdown(
     runs: list[RunResult],
     *,
@@ -207,6 +224,9 @@ def render_markdown(
                     f"{100 * mean_relative:+.1f}% relative to the best baseline of each layer.",
                     "",
                 ]
+            comparisons = _pairwise_lines(at_reduction, variants)
+            if comparisons:
+                lines += comparisons + [""]
 
         show_output = any(run.output_error is not None for run in model_runs)
         macs_lines = ["| method | reduction | GMACs (fvcore) | MACs removed from the whole model | params (M) |"
