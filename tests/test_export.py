@@ -478,3 +478,46 @@ def test_full_detector_export(export_tool, config_name, tmp_path):
     assert all(check["passed"] for check in checks)
     # Boxes of at least one detection were compared, not only empty outputs.
     assert all(max(shape[0] for shape in check["output_shapes"].values()) > 0 for check in checks)
+
+
+# ---------------------------------------------------------------------------
+# Latency measurement and the benchmark's report
+
+
+def test_measure_interleaved_runs_in_turns():
+    from codec_det.export.timing import measure_interleaved
+
+    calls = []
+    stats = measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=3)
+
+    assert calls == ["a", "b"] * 4
+    assert stats["a"].runs == 3
+    assert stats["a"].p25_ms <= stats["a"].median_ms <= stats["a"].p75_ms
+
+
+def test_benchmark_tables_and_chart(tmp_path):
+    benchmark = load_tool("benchmark")
+    stats = {name: {"median_ms": value, "p25_ms": value, "p75_ms": value, "runs": 3}
+             for name, value in (("original", 10.0), ("codec-45", 5.0), ("codec-66", 4.0))}
+    slower = {name: {key: value * 2 if key != "runs" else value for key, value in entry.items()}
+              for name, entry in stats.items()}
+    results = {
+        "date": "2026-01-01",
+        "machine": "test machine",
+        "targets": {
+            "classifier": {
+                "input_size": [224, 224],
+                "complexity": {"original": {"macs": 4e9, "params": 25e6}, "codec-45": {"macs": 2e9, "params": 14e6},
+                               "codec-66": {"macs": 1e9, "params": 9e6}},
+                "latency": {"1": {"eager": slower, "onnxruntime": stats}},
+            }
+        },
+    }
+
+    markdown = benchmark.format_markdown(results)
+    benchmark.plot_results(results, tmp_path / "chart.png")
+
+    assert "| classifier | codec-45 | 224x224 | 2.00 | 14.00 | 2.00x |" in markdown
+    assert "| classifier | 1 | eager | 20.0 (20.0-20.0) | 10.0 (10.0-10.0) | 8.0 (8.0-8.0) | 2.00x | 2.50x |" in markdown
+    assert "| classifier | 1 | 10.0 (onnxruntime) | 5.0 (onnxruntime) | 4.0 (onnxruntime) | 2.00x | 2.50x |" in markdown
+    assert (tmp_path / "chart.png").stat().st_size > 0

@@ -327,6 +327,26 @@ def latency_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def best_runtime_table(results: dict[str, Any]) -> list[str]:
+    """List each model's fastest runtime per target and batch, and speedups of best against best."""
+    lines = [
+        "Each model in its fastest runtime (median ms); speedup = original's best / model's best.",
+        "",
+        "| target | batch | original | codec-45 | codec-66 | codec-45 speedup | codec-66 speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for target, data in results["targets"].items():
+        for batch, runtimes in data["latency"].items():
+            best = {}
+            for name in MODELS:
+                runtime = min(runtimes, key=lambda key: runtimes[key][name]["median_ms"])
+                best[name] = (runtime, runtimes[runtime][name]["median_ms"])
+            cells = [f"{best[name][1]:.1f} ({best[name][0]})" for name in MODELS]
+            speedups = [f"{best['original'][1] / best[name][1]:.2f}x" for name in MODELS[1:]]
+            lines.append(f"| {target} | {batch} | " + " | ".join(cells + speedups) + " |")
+    return lines
+
+
 def layer_tables(results: dict[str, Any]) -> list[str]:
     lines = []
     for target, data in results["targets"].items():
@@ -349,7 +369,8 @@ def layer_tables(results: dict[str, Any]) -> list[str]:
 
 
 def format_markdown(results: dict[str, Any]) -> str:
-    lines = complexity_table(results) + [""] + latency_table(results) + layer_tables(results)
+    lines = complexity_table(results) + [""] + latency_table(results) + [""] + best_runtime_table(results)
+    lines += layer_tables(results)
     return "\n".join(lines) + "\n"
 
 
