@@ -2,9 +2,16 @@
 
 ``measure_interleaved`` runs every candidate once per round (after warm-up
 rounds) and returns, per candidate, the median and the 25th / 75th
-percentiles of the per-call wall time. On a shared CPU the absolute times
-move with the load; ratios between candidates timed in the same rounds are
-the numbers to compare.
+percentiles of the time per call. On a shared CPU the absolute times move
+with the load; ratios between candidates timed in the same rounds are the
+numbers to compare.
+
+Two clocks: ``"wall"`` (``time.perf_counter``) is the latency a caller sees.
+``"cpu"`` (``time.process_time``, CPU time of all threads of this process)
+leaves out the time spent waiting for a core while other processes run, so
+it is the steadier measure on an oversubscribed machine. With more than one
+compute thread it also counts the threads' spin-waiting, so use it with one
+thread.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from torch import nn
 from codec_det.export.deploy import to_deploy_form
 from codec_det.layers.codec_conv import CoDeCConv2d
 
-__all__ = ["LatencyStats", "measure_interleaved", "LayerTiming", "time_compressed_layers"]
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+__all__ = ["CLOCKS", "LatencyStats", "measure_interleaved", "LayerTiming", "time_compressed_layers"]
 
 
 @dataclass
@@ -50,6 +59,7 @@ def measure_interleaved(
     warmup: int = 2,
     repeats: int = 7,
     synchronize: Callable[[], None] | None = None,
+    clock: str = "wall",
 ) -> dict[str, LatencyStats]:
     """Time each zero-argument callable ``repeats`` times, one call of each candidate per round.
 
@@ -59,9 +69,13 @@ def measure_interleaved(
             TorchScript profiling runs).
         repeats: timed rounds.
         synchronize: called before each clock read, e.g. ``torch.cuda.synchronize``.
+        clock: ``"wall"`` or ``"cpu"`` (see the module docstring).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock {clock!r} is unknown; choose one of {', '.join(CLOCKS)}")
+    now = CLOCKS[clock]
     sync = synchronize or (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.inference_mode():
@@ -71,10 +85,10 @@ def measure_interleaved(
         sync()
         for _ in range(repeats):
             for name, run in candidates.items():
-                start = time.perf_counter()
+                start = now()
                 run()
                 sync()
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((now() - start) * 1e3)
     return {
         name: LatencyStats(statistics.median(values), _quantile(values, 0.25), _quantile(values, 0.75), len(values))
         for name, values in times.items()
@@ -105,6 +119,7 @@ def time_compressed_layers(
     warmup: int = 1,
     repeats: int = 5,
     memory_format: torch.memory_format = torch.channels_last,
+    clock: str = "wall",
 ) -> list[LayerTiming]:
     """Time every ``CoDeCConv2d`` of ``model`` in its fused deployment form against the equivalent dense conv.
 
@@ -137,7 +152,10 @@ def time_compressed_layers(
         bare = bare.to(memory_format=memory_format)
         feature = feature.clone().contiguous(memory_format=memory_format)
         stats = measure_interleaved(
-            {"dense": lambda: dense(feature), "fused": lambda: bare(feature)}, warmup=warmup, repeats=repeats
+            {"dense": lambda: dense(feature), "fused": lambda: bare(feature)},
+            warmup=warmup,
+            repeats=repeats,
+            clock=clock,
         )
         rows.append(
             LayerTiming(
