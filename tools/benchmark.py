@@ -295,7 +295,7 @@ def machine_description(device: str, threads: int) -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
 
 
 def complexity_table(results: dict[str, Any]) -> list[str]:
@@ -410,7 +410,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
         axis.set_title(f"{target} {size}, batch 1")
         axis.set_ylabel("speedup over original (x)")
     axes[0][0].legend(title="bars: measured, dashed: MACs ratio", fontsize=8, title_fontsize=8)
-    figure.suptitle(f"{results['machine']}, {results['date']}", fontsize=8)
+    figure.suptitle(f"{results['machine']}, {results.get('clock', 'wall')} clock, {results['date']}", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
