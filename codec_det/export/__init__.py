@@ -5,6 +5,7 @@
 - ``verify``: comparison of an artifact's outputs with the PyTorch model's.
 - ``sources``: strict loading of the classifier or the Detectron2 model.
 - ``pipeline``: ``export_subject``, which writes and checks every artifact.
+- ``timing``: latency measurement for ``tools/benchmark.py``.
 
 Importing this package needs torch only; ONNX, ONNX Runtime and Detectron2
 are imported where they are used.

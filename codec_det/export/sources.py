@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ class ExportSubject:
     source: dict[str, Any]
     cfg: Any = None
     detector: nn.Module | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _uncompressed_spec(**metadata: Any) -> CompressionSpec:
