@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--deploy-form", choices=DEPLOY_FORMS, default="training",
                         help="training: layers as trained; fast: stage-2 kernels materialised once and batch "
-                        "norms folded into the convs, 1.1x to 1.4x faster in eager PyTorch on a 2-core CPU "
+                        "norms folded into the convs, 1.1x to 1.4x faster in eager PyTorch with one thread on a 2-core CPU "
                         "(docs/benchmarks.md) (default training)")
     parser.add_argument("--full-detector", action="store_true",
                         help="also trace the whole R-CNN to detector.ts (Detectron2 models only)")
