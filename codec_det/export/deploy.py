@@ -10,7 +10,7 @@ function (in eval mode) with less work per call:
   module found by ``torch.fx``, or the ``norm`` inside a Detectron2 ``Conv2d``
   or ``CoDeCNormConv2d``) is folded into that conv's weight and bias;
 - the output permutation of a single-group layer is folded into its stage-2
-  weight; a multi-group layer whose permutation could not be folded into the
+  weight. A multi-group layer whose permutation could not be folded into the
   next layers keeps its ``index_select``.
 
 The result is for inference only: its weights are plain tensors, not the
@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 class FusedCoDeCConv2d(nn.Module):
     """A CoDeC layer for inference: a dense 1x1 conv, then a grouped conv with constant kernels.
 
-    Stage 1 (``pointwise``) maps ``C -> G*R`` channels; stage 2 (``spatial``)
-    is the grouped ``kh x kw`` conv (``groups = G``) holding the materialised
-    rank-1 kernels, with any folded batch norm in its weight and bias.
+    Stage 1 (``pointwise``) maps ``C -> G*R`` channels. Stage 2 (``spatial``)
+    is the grouped ``kh x kw`` conv (``groups = G``) that holds the
+    materialised rank-1 kernels, with any folded batch norm in its weight and bias.
 
     Args:
         pointwise: the 1x1 conv, weight (G*R, C, 1, 1).
@@ -171,7 +171,7 @@ def _fuse_codec(layer: CoDeCConv2d, norm: nn.Module | None) -> tuple[FusedCoDeCC
 
     with torch.no_grad():
         pointwise_weight = layer.input_factors.detach().reshape(groups * rank, layer.in_channels, 1, 1)
-        # Rows of the stage-2 weight are in group order; raw output row p is filter permutation[p].
+        # Rows of the stage-2 weight are in group order, so raw output row p is filter permutation[p].
         spatial_weight = layer.spatial_kernels().detach().double()
         spatial_bias = (
             layer.bias.detach().double() if layer.bias is not None else torch.zeros(layer.out_channels, device=device)
