@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 2; 1 with --quick)")
     parser.add_argument("--layers", action="store_true",
                         help="also time each compressed layer of the fpn target against its dense conv (batch 1)")
+    # NOTE: the cuda path has not been run: the machines this was written on have no GPU.
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and ONNX Runtime (default 2)")

@@ -134,6 +134,7 @@ class OnnxRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         if device == "cuda":
+            # NOTE: this path has not been run: the machines it was written on have no GPU.
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError(
                     "ONNX Runtime has no CUDA execution provider here; install onnxruntime-gpu or run on the CPU"
