@@ -10,7 +10,11 @@ Prints, in one run:
    filter of the layer) and relative error of both;
 3. the latency (median after warm-up, batch 1, channels_last) of the original,
    ``codec-45`` and ``codec-66`` ResNet-50 trunks (conv1 to layer4) at 224x224
-   and 800x1216, with ratios to the original measured in the same run.
+   and 800x1216, with ratios to the original measured in the same run. Each
+   trunk runs in two forms: as trained (CoDeC stage-2 kernels rebuilt from the
+   factors at every call, batch norms separate) and in the deployment form of
+   ``codec_det.export.deploy.to_deploy_form`` (stage-2 kernels materialised
+   once, batch norms folded into the convs, the original's included).
 
 Run: ``.venv/bin/python benchmarks/bench_core.py [--threads 2] [--repeats 7]``
 """
@@ -18,6 +22,7 @@ Run: ``.venv/bin/python benchmarks/bench_core.py [--threads 2] [--repeats 7]``
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import platform
 import statistics
@@ -33,6 +38,7 @@ from torch import nn
 
 from codec_det.compress import compress_model
 from codec_det.decompose import ALSSettings, decompose_conv
+from codec_det.export.deploy import to_deploy_form
 from codec_det.presets import get_preset
 
 SAMPLE_LAYERS = ["layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"]
@@ -161,19 +167,22 @@ def main() -> None:
             f"{row['parafac_error']:.4f} | {speedup:.1f}x |"
         )
 
-    print("\n## Trunk latency, batch 1, channels_last, eager (median ms, +- half range)\n")
-    print("| input | original | codec-45 | codec-66 | codec-45 speed-up | codec-66 speed-up |")
-    print("|---|---|---|---|---|---|")
-    models = {"original": trunk(original), "codec-45": trunk(result_45.model), "codec-66": trunk(result_66.model)}
-    for size in [(224, 224), (800, 1216)]:
-        latency = {name: median_latency(model, size, args.repeats, args.warmup) for name, model in models.items()}
-        base = latency["original"][0]
-        cells = [f"{latency[name][0] * 1e3:.1f} +- {latency[name][1] * 1e3:.1f}" for name in models]
-        print(
-            f"| {size[0]}x{size[1]} | {' | '.join(cells)} | {base / latency['codec-45'][0]:.2f}x | "
-            f"{base / latency['codec-66'][0]:.2f}x |"
-        )
-
+    print("\n## Trunk latency, batch 1, channels_last (median ms, +- half range)\n")
+    print("| form | input | original | codec-45 | codec-66 | codec-45 speed-up | codec-66 speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    trained = {"original": trunk(original), "codec-45": trunk(result_45.model), "codec-66": trunk(result_66.model)}
+    deployed = {name: copy.deepcopy(model) for name, model in trained.items()}
+    for model in deployed.values():
+        to_deploy_form(model)
+    for form, models in [("as trained", trained), ("deployment", deployed)]:
+        for size in [(224, 224), (800, 1216)]:
+            latency = {name: median_latency(model, size, args.repeats, args.warmup) for name, model in models.items()}
+            base = latency["original"][0]
+            cells = [f"{latency[name][0] * 1e3:.1f} +- {latency[name][1] * 1e3:.1f}" for name in models]
+            print(
+                f"| {form} | {size[0]}x{size[1]} | {' | '.join(cells)} | {base / latency['codec-45'][0]:.2f}x | "
+                f"{base / latency['codec-66'][0]:.2f}x |"
+            )
 
 if __name__ == "__main__":
     main()
