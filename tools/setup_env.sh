@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Set up codec-det in one command: bash tools/setup_env.sh
+# Set up codec-det in one command: bash tools/setup_env.sh [--with-mmdet]
 #
 # Creates (or reuses) the virtual environment .venv in the repository root,
 # installs torch 2.14.1 and torchvision 0.29.1, Detectron2, codec-det in
 # editable mode with its test extras, and downloads the demo photos.
 # Safe to re-run: finished steps are checked and skipped.
 #
+# --with-mmdet (or CODEC_WITH_MMDET=1) also installs MMDetection 3.3.0 with
+# mmengine 0.10.7 and mmcv 2.1.0. The mmcv wheel comes from the cache of
+# tools/build_mmcv_wheel.sh, which builds it first when the cache has none
+# for this Python and torch (20 to 35 minutes on 2 cores).
+#
 # Environment variables:
+#   CODEC_WITH_MMDET               1 to install MMDetection, as --with-mmdet does (default: 0)
+#   CODEC_WHEEL_CACHE              folder of the cached mmcv wheels (default: ${XDG_CACHE_HOME:-$HOME/.cache}/codec-det/wheels)
 #   PYTHON                         interpreter that creates the venv (default: python3; 3.10+)
 #   CODEC_DEMO_DATA                demo data folder (default: datasets/codec_demo)
 #   CODEC_UPSTREAM_PROBE_TIMEOUT   seconds to wait for Detectron2's source repository (default: 60)
@@ -24,6 +31,9 @@ DETECTRON2_GIT_URL="https://github.com/facebookresearch/detectron2.git"
 SAL_DETECTRON2="sal-detectron2==0.7.2"
 UPSTREAM_PROBE_TIMEOUT="${CODEC_UPSTREAM_PROBE_TIMEOUT:-60}"
 UPSTREAM_BUILD_TIMEOUT="${CODEC_UPSTREAM_BUILD_TIMEOUT:-1800}"
+WITH_MMDET="${CODEC_WITH_MMDET:-0}"
+MMCV_VERSION="2.1.0"
+MMDET_VERSION="3.3.0"
 # Records which route installed Detectron2, so that re-runs can report it.
 DETECTRON2_ROUTE_FILE="$VENV/codec-det-detectron2-route.txt"
 
@@ -34,6 +44,26 @@ DETECTRON2_DEPENDENCIES=(
     fvcore iopath pycocotools "omegaconf<2.4" hydra-core yacs termcolor tabulate
     cloudpickle tqdm matplotlib tensorboard shapely scipy "setuptools<81"
 )
+
+for argument in "$@"; do
+    case "$argument" in
+        --with-mmdet)
+            WITH_MMDET=1
+            ;;
+        -h | --help)
+            sed -n '2,/^set -Eeuo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "setup_env.sh: unknown option '$argument'; the only option is --with-mmdet" >&2
+            exit 2
+            ;;
+    esac
+done
+if [[ "$WITH_MMDET" != 0 && "$WITH_MMDET" != 1 ]]; then
+    echo "setup_env.sh: CODEC_WITH_MMDET is '$WITH_MMDET'; set it to 0 or 1" >&2
+    exit 2
+fi
 
 cd "$REPO_ROOT"
 
@@ -185,6 +215,34 @@ step "install codec-det (editable, with test and export extras)"
 pip_install -e "$REPO_ROOT[test,export]"
 
 # ---------------------------------------------------------------------------
+mmdet_works() {
+    "$VENV_PYTHON" - "$MMCV_VERSION" "$MMDET_VERSION" >/dev/null 2>&1 <<'EOF'
+import sys
+
+import mmcv
+import mmdet
+from mmcv.ops import RoIAlign, nms  # noqa: F401, the compiled ops
+
+sys.exit(0 if (mmcv.__version__, mmdet.__version__) == (sys.argv[1], sys.argv[2]) else 1)
+EOF
+}
+
+if [[ "$WITH_MMDET" == 1 ]]; then
+    step "install MMDetection $MMDET_VERSION with mmcv $MMCV_VERSION"
+    if mmdet_works; then
+        echo "Already installed: mmcv $MMCV_VERSION with its ops, mmdet $MMDET_VERSION"
+    else
+        # The last line the build script prints is the wheel's path.
+        mmcv_wheel="$(bash "$REPO_ROOT/tools/build_mmcv_wheel.sh" "$VENV_PYTHON" | tail -n 1)"
+        [[ -f "$mmcv_wheel" ]] || fail "tools/build_mmcv_wheel.sh printed no wheel path; see its output above"
+        pip_install "$mmcv_wheel"
+    fi
+    pip_install -e "$REPO_ROOT[test,export,mmdet]"
+    "$VENV_PYTHON" -c "import mmcv, mmdet, mmengine, codec_det.mmdet; print('mmcv', mmcv.__version__, '/ mmdet', mmdet.__version__, '/ mmengine', mmengine.__version__, 'import')" \
+        || fail "MMDetection was installed but does not import; see the traceback above"
+fi
+
+# ---------------------------------------------------------------------------
 step "fetch demo data"
 "$VENV_PYTHON" -m codec_det.data.demo_fetch
 
@@ -195,4 +253,7 @@ echo "==> codec-det is set up in ${SECONDS}s"
 echo "    venv:        $VENV"
 echo "    torch:       $TORCH_VERSION, torchvision $TORCHVISION_VERSION"
 echo "    Detectron2:  from $(cat "$DETECTRON2_ROUTE_FILE" 2>/dev/null || echo "$route")"
+if [[ "$WITH_MMDET" == 1 ]]; then
+    echo "    MMDetection: mmdet $MMDET_VERSION, mmcv $MMCV_VERSION"
+fi
 echo "    tests:       .venv/bin/python -m pytest -q"
