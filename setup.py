@@ -34,10 +34,10 @@ setup(
         "test": ["pytest", "pytest-timeout"],
         # torch.onnx.export (the torch.export-based exporter, default since torch 2.9) needs onnxscript.
         "export": ["onnx", "onnxruntime", "onnxscript"],
-        # mmdet 3.3.0 also needs mmcv>=2.0.0rc4,<2.2.0, which is published only as a
-        # source archive that does not build as it is with torch 2.14:
-        # tools/build_mmcv_wheel.sh builds mmcv 2.1.0, and tools/setup_env.sh
-        # --with-mmdet installs that wheel before this extra.
+        # mmdet 3.3.0 also needs mmcv<2.2.0 at import. mmcv 2.1.0 is published only
+        # as a source archive, which does not build as it is with torch 2.14, so
+        # tools/build_mmcv_wheel.sh builds it and tools/setup_env.sh --with-mmdet
+        # installs that wheel before this extra.
         "mmdet": ["mmengine==0.10.7", "mmdet==3.3.0"],
     },
 )
