@@ -90,8 +90,8 @@ def resolve_config_file(value: str | os.PathLike, configs_dir: str | os.PathLike
 
     available = sorted(str(file.relative_to(configs_dir)) for file in configs_dir.rglob("*.yaml"))
     raise FileNotFoundError(
-        f"config file {value} not found, neither as a path nor in {configs_dir}; "
-        f"the configs there are: {', '.join(available) or 'none'}"
+        f"config file {value} not found, neither as a path nor in {configs_dir}. "
+        f"The configs there are: {', '.join(available) or 'none'}"
     )
 
 
@@ -303,9 +303,9 @@ class CodecTrainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with the COCO evaluator, strict CoDeC checkpoints and multi-process CPU training.
 
     ``DefaultTrainer`` wraps the model in ``DistributedDataParallel`` with
-    ``device_ids=[local_rank]``, which PyTorch rejects for a model on the CPU.
-    This trainer passes ``device_ids=None`` there; everything else follows
-    ``DefaultTrainer``.
+    ``device_ids=[local_rank]``, which PyTorch rejects with a ValueError for a
+    model on the CPU. This trainer passes ``device_ids=None`` there. Everything
+    else follows ``DefaultTrainer``.
     """
 
     def __init__(self, cfg: CfgNode):

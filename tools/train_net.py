@@ -111,7 +111,7 @@ def print_results(results) -> None:
         columns.extend(name for name in metrics if "-" not in name and name not in columns)
     rows = [[task] + [_format_metric(metrics.get(name)) for name in columns] for task, metrics in flat.items()]
     print("\nFinal COCO AP (percent):")
-    print(tabulate(rows, headers=["task", *columns], tablefmt="pipe"))
+    print(tabulate(rows, headers=["task", *columns], tablefmt="pipe", disable_numparse=True))
 
 
 def _format_metric(value) -> str:
