@@ -108,6 +108,19 @@ def test_outputs_in_original_filter_order():
     assert per_filter_error.max() < 0.9
 
 
+def test_loaded_permutation_is_applied():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    trained, _ = decompose_conv(conv, groups=4, rank=4)
+    rebuilt = CoDeCConv2d(8, 16, 3, groups=4, rank=4, padding=1, bias=True)
+    x = torch.randn(1, 8, 9, 9)
+
+    rebuilt.load_state_dict(trained.state_dict())
+
+    assert not torch.equal(rebuilt.permutation, torch.arange(16))
+    assert torch.allclose(rebuilt(x), trained(x), atol=1e-6)
+
+
 def test_groups_must_divide_filters():
     conv = nn.Conv2d(8, 12, 3)
 

@@ -110,8 +110,18 @@ class CoDeCConv2d(nn.Module):
             permutation = torch.arange(out_channels)
         self.register_buffer("permutation", torch.as_tensor(permutation, dtype=torch.long).clone())
         self.register_buffer("inverse_permutation", torch.argsort(self.permutation))
-        self._permutation_is_identity = bool((self.permutation == torch.arange(out_channels)).all())
+        self._update_permutation_flag()
         self.reset_parameters()
+
+    def _update_permutation_flag(self) -> None:
+        # Cached so that forward skips index_select for the identity without a per-call check.
+        identity = torch.arange(self.out_channels, device=self.permutation.device)
+        self._permutation_is_identity = bool((self.permutation == identity).all())
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # A state dict may carry another permutation than the one given at construction.
+        super()._load_from_state_dict(*args, **kwargs)
+        self._update_permutation_flag()
 
     def reset_parameters(self) -> None:
         """Draw random factors whose product has the variance of a Kaiming-uniform conv."""
