@@ -5,7 +5,10 @@ Targets (each at batch 1 and 8):
 
 - classifier: torchvision ResNet-50, 224x224, images -> logits;
 - trunk: Detectron2's bottom-up ResNet-50 (res2..res5), 800x1216;
-- fpn: Detectron2's R50-FPN backbone (bottom-up and FPN, p2..p6), 800x1216.
+- fpn: Detectron2's R50-FPN backbone (bottom-up and FPN, p2..p6), 800x1216;
+- fpn-codec (opt-in): the fpn target with the FPN compressed too: codec-45 and
+  codec-66 also take the bundled FPN spec of the same name (45% and 66% fewer
+  FPN MACs); the original stays Detectron2's dense backbone.
 
 Runtimes: eager (the model as trained), eager-fast (codec_det.export's
 to_deploy_form: stage-2 kernels materialised once, batch norms folded),
@@ -28,6 +31,7 @@ OUTPUT/benchmark.png (chart).
 Examples:
     python tools/benchmark.py --quick --output output/benchmark
     python tools/benchmark.py --targets fpn --batches 1 --runtimes eager-fast onnxruntime --layers
+    python tools/benchmark.py --targets fpn fpn-codec --batches 1 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
@@ -60,15 +64,17 @@ from codec_det.surgery import apply_spec
 logger = logging.getLogger("codec_det.benchmark")
 
 MODELS = ("original", "codec-45", "codec-66")
-TARGETS = ("classifier", "trunk", "fpn")
+TARGETS = ("classifier", "trunk", "fpn", "fpn-codec")
+DEFAULT_TARGETS = ("classifier", "trunk", "fpn")
 RUNTIMES = ("eager", "eager-fast", "torchscript", "onnxruntime")
-INPUT_SIZES = {"classifier": (224, 224), "trunk": (800, 1216), "fpn": (800, 1216)}
+INPUT_SIZES = {"classifier": (224, 224), "trunk": (800, 1216), "fpn": (800, 1216), "fpn-codec": (800, 1216)}
 # Height and width the ONNX graphs accept are multiples of this (the FPN adds upsampled maps).
-SIZE_MULTIPLES = {"classifier": 1, "trunk": 32, "fpn": 32}
+SIZE_MULTIPLES = {"classifier": 1, "trunk": 32, "fpn": 32, "fpn-codec": 32}
 OUTPUT_NAMES = {
     "classifier": ["logits"],
     "trunk": ["res2", "res3", "res4", "res5"],
     "fpn": ["p2", "p3", "p4", "p5", "p6"],
+    "fpn-codec": ["p2", "p3", "p4", "p5", "p6"],
 }
 
 
@@ -78,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )
-    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to measure")
+    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(DEFAULT_TARGETS),
+                        help=f"what to measure (default {' '.join(DEFAULT_TARGETS)})")
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES), help="how to run it")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (default 1 8)")
     parser.add_argument("--quick", action="store_true",
@@ -87,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed rounds per measurement (default 7; 5 with --quick)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 2; 1 with --quick)")
     parser.add_argument("--layers", action="store_true",
-                        help="also time each compressed layer of the fpn target against its dense conv (batch 1)")
+                        help="also time each compressed layer of the fpn and fpn-codec targets against its dense "
+                        "conv (batch 1)")
     # NOTE: the cuda path has not been run: the machines this was written on have no GPU.
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
@@ -129,8 +137,11 @@ def build_classifier(model_name: str, seed: int) -> nn.Module:
     return model.eval()
 
 
-def build_fpn_backbone(model_name: str, seed: int) -> nn.Module:
-    """Build Detectron2's R50-FPN backbone (FrozenBN, stride in the 3x3 conv), CoDeC or original."""
+def build_fpn_backbone(model_name: str, seed: int, compress_fpn: bool = False) -> nn.Module:
+    """Build Detectron2's R50-FPN backbone (FrozenBN, stride in the 3x3 conv), CoDeC or original.
+
+    With ``compress_fpn``, a CoDeC model also takes the bundled FPN spec of its name.
+    """
     from detectron2.config import get_cfg
     from detectron2.modeling import build_backbone
 
@@ -148,6 +159,8 @@ def build_fpn_backbone(model_name: str, seed: int) -> nn.Module:
     else:
         cfg.MODEL.BACKBONE.NAME = "build_codec_resnet_fpn_backbone"
         cfg.MODEL.CODEC.SPEC = model_name
+        if compress_fpn:
+            cfg.MODEL.CODEC.FPN_SPEC = model_name
     torch.manual_seed(seed)
     model = build_backbone(cfg)
     _randomise_norms(model, seed)
@@ -157,7 +170,7 @@ def build_fpn_backbone(model_name: str, seed: int) -> nn.Module:
 def build_models(target: str, seed: int) -> dict[str, nn.Module]:
     if target == "classifier":
         return {name: build_classifier(name, seed) for name in MODELS}
-    backbones = {name: build_fpn_backbone(name, seed) for name in MODELS}
+    backbones = {name: build_fpn_backbone(name, seed, compress_fpn=target == "fpn-codec") for name in MODELS}
     if target == "trunk":
         return {name: backbone.bottom_up for name, backbone in backbones.items()}
     return backbones
@@ -249,7 +262,7 @@ def measure_target(target: str, args: argparse.Namespace, workdir: Path) -> dict
         "latency": latency,
         "batches_skipped": skipped,
     }
-    if args.layers and target == "fpn":
+    if args.layers and target in ("fpn", "fpn-codec"):
         result["layers"] = measure_layers(models, example, args)
     return result
 

@@ -13,12 +13,20 @@ ready to fine-tune with tools/train_net.py. Both modes count MACs and
 parameters on the classifier-shaped trunk (ResNet-50 with its 1000-way fc)
 at 224x224, so the presets mean the same in both.
 
+With --from-d2, ``--fpn-preset`` or ``--fpn-target-macs`` also compresses the
+FPN's lateral and output convs (off by default). Their budget is counted on
+the FPN alone at 800x1216: ``codec-45`` and ``codec-66`` remove 45% and 66% of
+its MACs. ``DIR/model.pth`` then stores the FPN spec too, and the output
+adds ``DIR/fpn_spec.json`` and ``DIR/fpn_report.csv``.
+
 Examples:
     python tools/compress_backbone.py --weights resnet50.pth --preset codec-45 --output out/codec45
     python tools/compress_backbone.py --init random --target-macs 2.0 --output out/trial
     python tools/compress_backbone.py --weights resnet50.pth --method tucker2 --preset codec-45 --output out/tk45
     python tools/compress_backbone.py --from-d2 model_final.pth --config mask_rcnn_R_50_FPN_3x.yaml \\
         --preset codec-45 --output out/mask_rcnn_codec45
+    python tools/compress_backbone.py --from-d2 model_final.pth --config mask_rcnn_R_50_FPN_3x.yaml \\
+        --preset codec-45 --fpn-preset codec-45 --output out/mask_rcnn_codec45_fpn45
 """
 
 from __future__ import annotations
@@ -59,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-params", type=float, metavar="M",
                         help="total parameters of the compressed ResNet-50 classifier, in millions (with --target-macs)")
 
+    fpn_budget = parser.add_mutually_exclusive_group()
+    fpn_budget.add_argument("--fpn-preset", choices=["codec-45", "codec-66"],
+                            help="with --from-d2, also compress the FPN convs: 45%% or 66%% fewer FPN MACs at 800x1216")
+    fpn_budget.add_argument("--fpn-target-macs", type=float, metavar="G",
+                            help="with --from-d2, also compress the FPN convs to this many MACs of the FPN alone "
+                            "at 800x1216, in G (the dense FPN has 55.12 G)")
+
     parser.add_argument("--output", type=Path, required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--method", choices=METHODS, default="codec",
@@ -82,6 +97,13 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --target-macs must be positive (in G), got {args.target_macs}")
     if args.target_params is not None and args.target_params <= 0:
         raise SystemExit(f"error: --target-params must be positive (in millions), got {args.target_params}")
+    if args.fpn_target_macs is not None and args.fpn_target_macs <= 0:
+        raise SystemExit(f"error: --fpn-target-macs must be positive (in G), got {args.fpn_target_macs}")
+    if (args.fpn_preset is not None or args.fpn_target_macs is not None) and args.from_d2 is None:
+        raise SystemExit(
+            "error: --fpn-preset and --fpn-target-macs go with --from-d2; the other modes compress a ResNet-50 "
+            "without FPN"
+        )
     if args.target_params is not None and args.preset is not None:
         raise SystemExit("error: --target-params goes with --target-macs; a --preset sets both")
     if args.groups is not None and args.groups <= 0:
@@ -192,7 +214,7 @@ def run_from_d2(
     from codec_det.checkpoint import SPEC_FILE
     from codec_det.d2.checkpoint import save_d2_checkpoint
     from codec_det.d2.compress import CODEC_BACKBONE_NAMES, compress_d2_state, read_source_checkpoint
-    from codec_det.d2.config import add_codec_config
+    from codec_det.d2.config import FPN_SPEC_FILE, add_codec_config
     from codec_det.d2.convert import D2_MODEL_FILE
 
     cfg = get_cfg()
@@ -216,14 +238,22 @@ def run_from_d2(
         settings=settings,
     )
     result.spec.metadata["target"] = label
+    fpn_result = compress_fpn_of_state(args, new_state, cfg, settings) if _compresses_fpn(args) else None
 
     output_cfg = cfg.clone()
     output_cfg.MODEL.BACKBONE.NAME = CODEC_BACKBONE_NAMES.get(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.NAME)
     output_cfg.MODEL.WEIGHTS = str((args.output / D2_MODEL_FILE).resolve())
     output_cfg.MODEL.CODEC.SPEC = ""
+    output_cfg.MODEL.CODEC.FPN_SPEC = ""
 
     with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
-        save_d2_checkpoint(staging / D2_MODEL_FILE, new_state, result.spec)
+        if fpn_result is None:
+            save_d2_checkpoint(staging / D2_MODEL_FILE, new_state, result.spec)
+        else:
+            new_state, fpn = fpn_result
+            save_d2_checkpoint(staging / D2_MODEL_FILE, new_state, result.spec, fpn_spec=fpn.spec)
+            fpn.spec.save(staging / FPN_SPEC_FILE)
+            write_report_csv(fpn.layers, fpn.totals, staging / "fpn_report.csv")
         result.spec.save(staging / SPEC_FILE)
         write_report_csv(result.layers, result.totals, staging / "report.csv")
         plot_mac_reduction(result.layers, result.totals, staging / "report.png", title=label)
@@ -236,7 +266,41 @@ def run_from_d2(
         f"{totals['params_after'] / 1e6:.2f} M params; wrote {args.output / D2_MODEL_FILE} and "
         f"{args.output / 'config.yaml'}"
     )
+    if fpn_result is not None:
+        fpn_totals = fpn_result[1].totals
+        print(
+            f"FPN {fpn_result[1].spec.metadata['target']}: {fpn_totals['macs_before'] / 1e9:.3f} -> "
+            f"{fpn_totals['macs_after'] / 1e9:.3f} GMACs at 800x1216, {fpn_totals['params_before'] / 1e6:.2f} -> "
+            f"{fpn_totals['params_after'] / 1e6:.2f} M params; wrote {args.output / FPN_SPEC_FILE}"
+        )
     return 0
+
+
+def _compresses_fpn(args: argparse.Namespace) -> bool:
+    return args.fpn_preset is not None or args.fpn_target_macs is not None
+
+
+def compress_fpn_of_state(args: argparse.Namespace, state: dict, cfg, settings: ALSSettings):
+    """Compress the FPN convs in a Detectron2 state dict; returns the new state dict and the compression result."""
+    from codec_det.d2.compress_fpn import FPN_PRESET_CUTS, compress_d2_fpn_state
+
+    if args.fpn_preset is not None:
+        budget = {"cut": FPN_PRESET_CUTS[args.fpn_preset]}
+        label = args.fpn_preset
+    else:
+        budget = {"target_macs": args.fpn_target_macs * 1e9}
+        label = f"{args.fpn_target_macs:g} GMACs"
+    new_state, fpn = compress_d2_fpn_state(
+        state,
+        cfg,
+        source=str(args.from_d2),
+        device=args.device,
+        rank_multiple=args.rank_multiple,
+        settings=settings,
+        **budget,
+    )
+    fpn.spec.metadata["target"] = label
+    return new_state, fpn
 
 
 if __name__ == "__main__":

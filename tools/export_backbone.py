@@ -15,7 +15,8 @@ Two inputs:
   normalised images (B, 3, H, W) to logits (B, 1000).
 
 DIR receives backbone.safetensors + spec.json (training form, rebuildable
-with the spec), backbone.ts, backbone.onnx (opset 18 by default, symbolic
+with the spec; fpn_spec.json too when MODEL.CODEC.FPN_SPEC or the checkpoint
+gives the FPN CoDeC convs), backbone.ts, backbone.onnx (opset 18 by default, symbolic
 batch, height and width), optionally detector.ts, and export_report.json.
 Each artifact is read back and compared with the PyTorch model at the traced
 input size (batch 1) and at --second-size (batch 2; one image for the

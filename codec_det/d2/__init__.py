@@ -12,12 +12,14 @@ from codec_det.d2.backbone import (
     build_codec_resnet_fpn_backbone,
 )
 from codec_det.d2.checkpointer import CoDeCCheckpointer, load_codec_checkpoint
-from codec_det.d2.config import add_codec_config, resolve_codec_spec
+from codec_det.d2.config import add_codec_config, resolve_codec_fpn_spec, resolve_codec_spec
 from codec_det.d2.convert import convert_to_d2
+from codec_det.d2.fpn import CoDeCFPN
 from codec_det.d2.layers import CoDeCNormConv2d
 
 __all__ = [
     "CoDeCCheckpointer",
+    "CoDeCFPN",
     "CoDeCNormConv2d",
     "CoDeCResNet",
     "add_codec_config",
@@ -25,5 +27,6 @@ __all__ = [
     "build_codec_resnet_fpn_backbone",
     "convert_to_d2",
     "load_codec_checkpoint",
+    "resolve_codec_fpn_spec",
     "resolve_codec_spec",
 ]

@@ -3,8 +3,9 @@
 ``build_codec_resnet_backbone`` and ``build_codec_resnet_fpn_backbone`` are
 Detectron2's ``build_resnet_backbone`` and ``build_resnet_fpn_backbone`` for
 ResNet-50, with each conv named in the spec (``MODEL.CODEC.SPEC``, see
-``add_codec_config``) replaced by a ``CoDeCNormConv2d``. Feature names,
-strides, channels, freezing and norms are Detectron2's.
+``add_codec_config``) replaced by a ``CoDeCNormConv2d``. The FPN builder also
+compresses the FPN convs named in ``MODEL.CODEC.FPN_SPEC`` (dense by default).
+Feature names, strides, channels, freezing and norms are Detectron2's.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import logging
 import re
 
 from detectron2.layers import Conv2d, ShapeSpec
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, BasicStem, BottleneckBlock, ResNet
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, BasicStem, BottleneckBlock, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from codec_det.d2.config import resolve_codec_spec
+from codec_det.d2.config import resolve_codec_fpn_spec, resolve_codec_spec
+from codec_det.d2.fpn import CoDeCFPN
 from codec_det.d2.layers import CoDeCNormConv2d
 from codec_det.d2.names import torchvision_to_d2_module
 from codec_det.spec import CompressionSpec, LayerSpec, SpecError
@@ -226,16 +228,21 @@ def build_codec_resnet_backbone(cfg, input_shape: ShapeSpec) -> CoDeCResNet:
     )
 
 
-def build_codec_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """Build an FPN on the CoDeC ResNet-50, as Detectron2's ``build_resnet_fpn_backbone`` does on its ResNet."""
+def build_codec_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> CoDeCFPN:
+    """Build an FPN on the CoDeC ResNet-50, as Detectron2's ``build_resnet_fpn_backbone`` does on its ResNet.
+
+    The FPN convs named in ``MODEL.CODEC.FPN_SPEC`` (or in the FPN spec that
+    ``MODEL.WEIGHTS`` stores) are CoDeC layers; see ``resolve_codec_fpn_spec``.
+    """
     bottom_up = build_codec_resnet_backbone(cfg, input_shape)
-    return FPN(
+    return CoDeCFPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        spec=resolve_codec_fpn_spec(cfg),
     )
 
 

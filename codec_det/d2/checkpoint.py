@@ -5,11 +5,16 @@ A checkpoint is the dict Detectron2's ``DetectionCheckpointer`` reads::
     {"model": {"backbone.bottom_up.stem.conv1.weight": tensor, ...},
      "__author__": "codec-det",
      "matching_heuristics": False,
-     "codec_spec": <CompressionSpec.to_dict()> or None}
+     "codec_spec": <CompressionSpec.to_dict()> or None,
+     "codec_fpn_spec": <CompressionSpec.to_dict()> or None}
 
-``codec_spec`` holds only dicts, lists, strings, numbers and booleans, so
-``torch.load(weights_only=True)`` reads the whole file without unpickling any
-object; None marks an uncompressed backbone.
+``codec_spec`` and ``codec_fpn_spec`` hold only dicts, lists, strings,
+numbers and booleans, so ``torch.load(weights_only=True)`` reads the whole
+file without unpickling any object. ``codec_spec`` None marks an
+uncompressed ResNet. ``codec_fpn_spec`` is present only in checkpoints that
+hold FPN weights, and None there marks a dense FPN; a checkpoint without
+the key (a converted ResNet, or one written before the key existed) says
+nothing about the FPN.
 """
 
 from __future__ import annotations
@@ -30,17 +35,23 @@ from codec_det.spec import CompressionSpec, SpecError
 __all__ = [
     "CHECKPOINT_AUTHOR",
     "SPEC_KEY",
+    "FPN_SPEC_KEY",
     "RejectedCheckpointError",
     "save_d2_checkpoint",
     "read_d2_checkpoint",
     "checkpoint_spec",
     "weights_codec_spec",
+    "weights_fpn_spec",
 ]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_AUTHOR = "codec-det"
 SPEC_KEY = "codec_spec"
+FPN_SPEC_KEY = "codec_fpn_spec"
+
+# Marks that a checkpoint is written without the FPN_SPEC_KEY entry.
+_NO_FPN_ENTRY = object()
 
 
 class RejectedCheckpointError(ValueError):
@@ -52,8 +63,14 @@ def save_d2_checkpoint(
     model_state: dict[str, torch.Tensor],
     spec: CompressionSpec | None,
     overwrite: bool = False,
+    *,
+    fpn_spec: CompressionSpec | None | object = _NO_FPN_ENTRY,
 ) -> None:
-    """Write a Detectron2 checkpoint with ``model_state`` and ``spec``, atomically (temporary file, then rename)."""
+    """Write a Detectron2 checkpoint with ``model_state`` and ``spec``, atomically (temporary file, then rename).
+
+    ``fpn_spec`` is the FPN spec of a checkpoint with FPN weights, or None
+    for a dense FPN. Leave it out for a checkpoint without FPN weights.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"output {path} exists; pass --overwrite to replace it or choose another output")
@@ -63,6 +80,8 @@ def save_d2_checkpoint(
         "matching_heuristics": False,
         SPEC_KEY: None if spec is None else spec.to_dict(),
     }
+    if fpn_spec is not _NO_FPN_ENTRY:
+        checkpoint[FPN_SPEC_KEY] = None if fpn_spec is None else fpn_spec.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -113,17 +132,17 @@ def read_d2_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-def checkpoint_spec(checkpoint: dict[str, Any], source: str) -> CompressionSpec | None:
-    """Parse the spec stored in a checkpoint dict (a dict or a JSON string); None for an uncompressed backbone."""
-    value = checkpoint.get(SPEC_KEY)
+def checkpoint_spec(checkpoint: dict[str, Any], source: str, key: str = SPEC_KEY) -> CompressionSpec | None:
+    """Parse the spec stored under ``key`` in a checkpoint dict (a dict or a JSON string); None for an uncompressed part."""
+    value = checkpoint.get(key)
     if value is None:
         return None
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise SpecError(f"{source}: the stored {SPEC_KEY} is not valid JSON: {error}") from None
-    return CompressionSpec.from_dict(value, source=f"{SPEC_KEY} of {source}")
+            raise SpecError(f"{source}: the stored {key} is not valid JSON: {error}") from None
+    return CompressionSpec.from_dict(value, source=f"{key} of {source}")
 
 
 def weights_codec_spec(weights: str) -> tuple[bool, CompressionSpec | None]:
@@ -139,6 +158,21 @@ def weights_codec_spec(weights: str) -> tuple[bool, CompressionSpec | None]:
     Raises:
         ValueError: the file exists but is truncated or not a torch file.
     """
+    return _weights_spec(weights, SPEC_KEY)
+
+
+def weights_fpn_spec(weights: str) -> tuple[bool, CompressionSpec | None]:
+    """Read the FPN spec carried by the ``MODEL.WEIGHTS`` file, as ``weights_codec_spec`` reads the ResNet's.
+
+    Returns:
+        ``(carries_fpn_spec, spec)``: ``carries_fpn_spec`` is True only for a
+        codec-det checkpoint with a ``codec_fpn_spec`` entry, and ``spec`` is
+        None there for a dense FPN.
+    """
+    return _weights_spec(weights, FPN_SPEC_KEY)
+
+
+def _weights_spec(weights: str, key: str) -> tuple[bool, CompressionSpec | None]:
     if not weights or "://" in weights:
         return False, None
     path = Path(weights)
@@ -151,6 +185,6 @@ def weights_codec_spec(weights: str) -> tuple[bool, CompressionSpec | None]:
         return False, None
     except ValueError as error:
         raise ValueError(f"MODEL.WEIGHTS: {error}") from None
-    if not isinstance(checkpoint, dict) or SPEC_KEY not in checkpoint:
+    if not isinstance(checkpoint, dict) or key not in checkpoint:
         return False, None
-    return True, checkpoint_spec(checkpoint, f"checkpoint {path}")
+    return True, checkpoint_spec(checkpoint, f"checkpoint {path}", key)

@@ -4,7 +4,8 @@
 only when every artifact passed its check (``atomic_output_dir``):
 
 - ``backbone.safetensors`` and ``spec.json``: the weights in their training
-  form and the structure needed to rebuild the model before loading them;
+  form and the structure needed to rebuild the model before loading them,
+  plus ``fpn_spec.json`` for a backbone whose FPN has CoDeC convs;
 - ``backbone.ts``: the model traced to TorchScript;
 - ``backbone.onnx``: the model in ONNX with symbolic batch, height and width;
 - ``detector.ts`` (Detectron2 subjects, on request): the whole R-CNN traced
@@ -47,6 +48,7 @@ from codec_det.export.verify import DEFAULT_TOLERANCE, ArtifactCheck, check_arti
 __all__ = [
     "WEIGHTS_FILE",
     "SPEC_FILE",
+    "FPN_SPEC_FILE",
     "TORCHSCRIPT_FILE",
     "ONNX_FILE",
     "DETECTOR_FILE",
@@ -61,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "backbone.safetensors"
 SPEC_FILE = "spec.json"
+# The same name as the FPN spec of tools/compress_backbone.py --from-d2 (codec_det.d2.config.FPN_SPEC_FILE).
+FPN_SPEC_FILE = "fpn_spec.json"
 TORCHSCRIPT_FILE = "backbone.ts"
 ONNX_FILE = "backbone.onnx"
 DETECTOR_FILE = "detector.ts"
@@ -161,6 +165,8 @@ def _save_weights(subject: ExportSubject, directory: Path) -> None:
     os.umask(mask)
     (directory / WEIGHTS_FILE).chmod(0o666 & ~mask)
     subject.spec.save(directory / SPEC_FILE)
+    if subject.fpn_spec is not None:
+        subject.fpn_spec.save(directory / FPN_SPEC_FILE)
 
 
 def _rebuild(subject: ExportSubject, directory: Path) -> torch.nn.Module:
@@ -170,7 +176,8 @@ def _rebuild(subject: ExportSubject, directory: Path) -> torch.nn.Module:
         from codec_det.spec import CompressionSpec
 
         return rebuild_classifier(CompressionSpec.load(directory / SPEC_FILE), state, source)
-    return rebuild_detectron2_backbone(subject.cfg, directory / SPEC_FILE, state, source)
+    fpn_spec_file = None if subject.fpn_spec is None else directory / FPN_SPEC_FILE
+    return rebuild_detectron2_backbone(subject.cfg, directory / SPEC_FILE, state, source, fpn_spec_file)
 
 
 def _versions() -> dict[str, str]:
@@ -192,8 +199,9 @@ def _describe(subject: ExportSubject) -> str:
             "torchvision ResNet-50 classifier, whole network: images (B, 3, H, W), normalised with ImageNet "
             "mean and std, to logits (B, 1000)"
         )
+    fpn = "" if subject.fpn_spec is None else f", {len(subject.fpn_spec.layers)} FPN convs compressed"
     return (
-        "Detectron2 R50-FPN backbone (bottom-up ResNet and FPN): normalised images (B, 3, H, W), H and W "
+        f"Detectron2 R50-FPN backbone (bottom-up ResNet and FPN{fpn}): normalised images (B, 3, H, W), H and W "
         f"divisible by {subject.size_multiple}, to feature maps {', '.join(subject.output_names)}"
     )
 
@@ -260,6 +268,7 @@ def export_subject(
         "model": _describe(subject),
         "source": subject.source,
         "compressed_layers": len(subject.spec.layers),
+        "compressed_fpn_layers": 0 if subject.fpn_spec is None else len(subject.fpn_spec.layers),
         "deploy_form": settings.deploy_form,
         "deploy_changes": deploy_summary,
         "opset": settings.opset,

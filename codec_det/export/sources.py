@@ -51,6 +51,8 @@ class ExportSubject:
         model: the exported module, in eval mode on the CPU.
         spec: the compression spec written next to the weights (no layers for
             an uncompressed model).
+        fpn_spec: the FPN spec of a backbone whose FPN has CoDeC convs
+            (``build_codec_resnet_fpn_backbone`` with ``MODEL.CODEC.FPN_SPEC``), else None.
         output_names: names of the model's outputs, in order.
         size_multiple: input height and width must be multiples of this.
         source: the input files, for the report.
@@ -66,6 +68,7 @@ class ExportSubject:
     source: dict[str, Any]
     cfg: Any = None
     detector: nn.Module | None = None
+    fpn_spec: CompressionSpec | None = None
 
 
 def _uncompressed_spec(**metadata: Any) -> CompressionSpec:
@@ -223,6 +226,7 @@ def load_detectron2(
     else:
         spec = copy.deepcopy(spec)
         spec.metadata["stride_in_1x1"] = stride_in_1x1
+    fpn_spec = getattr(backbone, "codec_fpn_spec", None)
 
     return ExportSubject(
         kind=DETECTRON2_BACKBONE,
@@ -233,11 +237,21 @@ def load_detectron2(
         source={"config_file": str(config_file), "weights": str(weights), "opts": list(opts or [])},
         cfg=cfg,
         detector=model,
+        fpn_spec=copy.deepcopy(fpn_spec),
     )
 
 
-def rebuild_detectron2_backbone(cfg, spec_file: str | os.PathLike, state: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """Build the backbone of ``cfg`` from a saved spec and load ``state`` strictly (the round trip of the saved weights)."""
+def rebuild_detectron2_backbone(
+    cfg,
+    spec_file: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    source: str,
+    fpn_spec_file: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Build the backbone of ``cfg`` from saved specs and load ``state`` strictly (the round trip of the saved weights).
+
+    ``fpn_spec_file`` is the FPN spec of a compressed FPN; None builds a dense FPN.
+    """
     from detectron2.modeling import build_backbone
 
     cfg = cfg.clone()
@@ -245,6 +259,7 @@ def rebuild_detectron2_backbone(cfg, spec_file: str | os.PathLike, state: dict[s
     cfg.MODEL.WEIGHTS = ""
     if cfg.MODEL.BACKBONE.NAME.startswith("build_codec_"):
         cfg.MODEL.CODEC.SPEC = str(spec_file)
+        cfg.MODEL.CODEC.FPN_SPEC = "" if fpn_spec_file is None else str(fpn_spec_file)
     backbone = build_backbone(cfg)
     load_weights_strict(backbone, state, source)
     return backbone.eval()
