@@ -21,6 +21,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
 from codec_det.checkpoint import load_weights_strict
+from codec_det.complexity import count_model
 from codec_det.compress import CompressionResult, compress_model
 from codec_det.d2.fpn import FPN_ARCHITECTURE, CoDeCFPN, FeatureShapes, fpn_conv_names
 from codec_det.decompose import ALSSettings
@@ -99,8 +100,6 @@ def dense_fpn(cfg: CfgNode) -> CoDeCFPN:
 
 def fpn_target_macs(fpn: CoDeCFPN, cut: float, input_size: tuple[int, int] = FPN_INPUT_SIZE) -> float:
     """Return the MACs target that removes the fraction ``cut`` of the dense FPN's MACs at ``input_size``."""
-    from codec_det.complexity import count_model
-
     if not 0 < cut < 1:
         raise ValueError(f"the fraction of FPN MACs to remove must be between 0 and 1, got {cut}")
     macs, _ = count_model(fpn, input_size)
