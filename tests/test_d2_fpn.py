@@ -460,3 +460,29 @@ def test_compress_tool_with_fpn_preset(tmp_path):
     load_codec_checkpoint(rebuilt, output / "model.pth")
     assert set(rebuilt.backbone.codec_fpn_spec.layers) == set(fpn_spec.layers)
     assert torch.equal(rebuilt.roi_heads.box_predictor.cls_score.weight, model.roi_heads.box_predictor.cls_score.weight)
+
+
+@pytest.mark.slow
+def test_compress_tool_keeps_compressed_fpn(tmp_path):
+    cfg = detector_cfg(fpn_spec="codec-45")
+    cfg.MODEL.CODEC.SPEC = ""
+    torch.manual_seed(0)
+    source = build_model(cfg).eval()
+    CoDeCCheckpointer(source, save_dir=str(tmp_path)).save("source")
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    output = tmp_path / "out"
+
+    status = load_tool("compress_backbone").main(
+        ["--from-d2", str(tmp_path / "source.pth"), "--config", str(tmp_path / "config.yaml"),
+         "--target-macs", "4.0", "--als-iterations", "2", "--output", str(output)]
+    )
+
+    assert status == 0
+    compressed_cfg = get_cfg()
+    add_codec_config(compressed_cfg)
+    compressed_cfg.merge_from_file(str(output / "config.yaml"))
+    compressed_cfg.MODEL.DEVICE = "cpu"
+    rebuilt = build_model(compressed_cfg).eval()
+    load_codec_checkpoint(rebuilt, output / "model.pth")
+    assert rebuilt.backbone.codec_fpn_spec is not None
+    assert torch.equal(rebuilt.backbone.fpn_output2.input_factors, source.backbone.fpn_output2.input_factors)

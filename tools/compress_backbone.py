@@ -212,7 +212,7 @@ def run_from_d2(
     from detectron2.config import get_cfg
 
     from codec_det.checkpoint import SPEC_FILE
-    from codec_det.d2.checkpoint import save_d2_checkpoint
+    from codec_det.d2.checkpoint import save_d2_checkpoint, weights_fpn_spec
     from codec_det.d2.compress import CODEC_BACKBONE_NAMES, compress_d2_state, read_source_checkpoint
     from codec_det.d2.config import FPN_SPEC_FILE, add_codec_config
     from codec_det.d2.convert import D2_MODEL_FILE
@@ -248,7 +248,12 @@ def run_from_d2(
 
     with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
         if fpn_result is None:
-            save_d2_checkpoint(staging / D2_MODEL_FILE, new_state, result.spec)
+            # A source whose FPN is already compressed keeps it, so its FPN spec goes along.
+            carries_fpn_spec, source_fpn_spec = weights_fpn_spec(str(args.from_d2))
+            if carries_fpn_spec:
+                save_d2_checkpoint(staging / D2_MODEL_FILE, new_state, result.spec, fpn_spec=source_fpn_spec)
+            else:
+                save_d2_checkpoint(staging / D2_MODEL_FILE, new_state, result.spec)
         else:
             new_state, fpn = fpn_result
             save_d2_checkpoint(staging / D2_MODEL_FILE, new_state, result.spec, fpn_spec=fpn.spec)
