@@ -302,6 +302,19 @@ def test_cli_missing_spec_file(tmp_path, capsys):
     assert "codec-45" in message
 
 
+def test_cli_truncated_weights(tmp_path, capsys):
+    truncated = tmp_path / "model_final.pth"
+    torch.save({"model": {"weight": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+
+    argv = ["--config", DEMO_CONFIGS["faster"], "--eval-only", "MODEL.WEIGHTS", str(truncated), "MODEL.CODEC.SPEC", ""]
+
+    message = _cli_error(capsys, argv)
+
+    assert str(truncated) in message
+    assert "truncated" in message
+
+
 def test_cli_missing_coco(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))

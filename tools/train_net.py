@@ -149,7 +149,7 @@ def cli(argv=None) -> None:
         # Checked here once, so that a bad key, spec or dataset path fails
         # with its message before any worker process starts.
         prepare(load_config(args.config_file, args.opts), args.eval_only)
-    except (ConfigError, SpecError, FileNotFoundError) as error:
+    except (ConfigError, SpecError, ValueError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
     launch(
