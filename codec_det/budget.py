@@ -25,7 +25,14 @@ import torch
 
 from codec_det.complexity import ConvGeometry, codec_conv_cost, dense_conv_cost
 
-__all__ = ["LayerLadder", "estimate_rank_errors", "build_ladder", "allocate_ranks", "Allocation"]
+__all__ = [
+    "LayerLadder",
+    "estimate_rank_errors",
+    "build_ladder",
+    "check_targets_below_model",
+    "allocate_ranks",
+    "Allocation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +224,32 @@ def _search_alpha(run, target_macs: float, target_params: float):
                 else:
                     high = middle[5]
     return best
+
+
+def check_targets_below_model(
+    model_macs: float, model_params: float, target_macs: float | None, target_params: float | None
+) -> None:
+    """Raise ``ValueError`` when no given target is below the uncompressed model's count.
+
+    Such targets keep every layer dense, so planning and decomposing would
+    only write a copy of the original model.
+    """
+    if target_macs is None and target_params is None:
+        return
+    if target_macs is not None and target_macs < model_macs:
+        return
+    if target_params is not None and target_params < model_params:
+        return
+    targets = []
+    if target_macs is not None:
+        targets.append(f"MACs target {target_macs / 1e9:.3f} G (model {model_macs / 1e9:.3f} G)")
+    if target_params is not None:
+        targets.append(f"parameter target {target_params / 1e6:.3f} M (model {model_params / 1e6:.3f} M)")
+    verb = "is" if len(targets) == 1 else "are"
+    raise ValueError(
+        f"{' and '.join(targets)} {verb} not below the uncompressed model, so no layer would be compressed. "
+        "Choose a target below the model's count"
+    )
 
 
 def allocate_ranks(

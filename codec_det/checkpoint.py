@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -106,10 +107,19 @@ def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) ->
             raise ValueError(f"weights file {path} is not a readable safetensors file: {error}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as error:
+    except pickle.UnpicklingError as error:
+        # weights_only loading raises UnpicklingError for objects it rejects, and for
+        # damaged pickles too, which allow_pickle cannot read either.
+        hint = "" if allow_pickle else (
+            ". If you trust the file, pass allow_pickle=True (--allow-pickle on the command line)"
+        )
         raise ValueError(
-            f"weights file {path} could not be read as a tensor-only torch checkpoint ({error}). "
-            "If you trust the file, pass allow_pickle=True (--allow-pickle on the command line)"
+            f"weights file {path} could not be read as a tensor-only torch checkpoint ({error}){hint}"
+        ) from None
+    except Exception as error:  # a damaged zip archive raises RuntimeError, a short pickle EOFError
+        raise ValueError(
+            f"weights file {path} could not be read: it is truncated, corrupt or not a torch checkpoint ({error}). "
+            "Save or download it again"
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

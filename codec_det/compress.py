@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from codec_det.budget import allocate_ranks, build_ladder, estimate_rank_errors
+from codec_det.budget import allocate_ranks, build_ladder, check_targets_below_model, estimate_rank_errors
 from codec_det.complexity import codec_conv_cost, count_model, dense_conv_cost, record_conv_geometry
 from codec_det.decompose import ALSSettings, decompose_conv, max_rank
 from codec_det.decomposition.clustering import balanced_filter_groups
@@ -88,6 +88,7 @@ def plan_compression(
     foldable = foldable_convs(model)
     geometry = record_conv_geometry(model, list(convs), input_size)
     total_macs, total_params = count_model(model, input_size)
+    check_targets_below_model(total_macs, total_params, target_macs, target_params)
 
     ladders = []
     labels_by_layer = {}

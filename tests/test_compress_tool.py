@@ -76,6 +76,38 @@ def test_target_below_floor_is_an_error(tool, tmp_path, caplog):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method", ["codec", "svd"])
+def test_target_above_model_is_an_error(tool, tmp_path, caplog, method):
+    args = ["--init", "random", "--target-macs", "1000", "--method", method, "--output", str(tmp_path / "out")]
+
+    assert tool.main(args) == 2
+    assert "MACs target 1000.000 G (model 4.112 G) is not below the uncompressed model" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_targets_below_model():
+    from codec_det.budget import check_targets_below_model
+
+    check_targets_below_model(4e9, 25e6, target_macs=1e12, target_params=10e6)
+    check_targets_below_model(4e9, 25e6, target_macs=2e9, target_params=None)
+    with pytest.raises(ValueError, match="MACs target .* and parameter target .* are not below"):
+        check_targets_below_model(4e9, 25e6, target_macs=5e9, target_params=30e6)
+
+
+def test_truncated_weights_file(tool, tmp_path, caplog):
+    import torch
+
+    weights = tmp_path / "resnet50.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, weights)
+    weights.write_bytes(weights.read_bytes()[:300])
+    args = ["--weights", str(weights), "--preset", "codec-45", "--output", str(tmp_path / "out")]
+
+    assert tool.main(args) == 2
+    assert "is truncated, corrupt or not a torch checkpoint" in caplog.text
+    assert "--allow-pickle" not in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_weights_file(tool, tmp_path):
     args = ["--weights", str(tmp_path / "absent.pth"), "--preset", "codec-45", "--output", str(tmp_path / "out")]
 

@@ -26,7 +26,7 @@ from codec_det.baselines.methods import (
     decompose_baseline,
     layer_method,
 )
-from codec_det.budget import LayerLadder, allocate_ranks
+from codec_det.budget import LayerLadder, allocate_ranks, check_targets_below_model
 from codec_det.complexity import ConvGeometry, count_model, dense_conv_cost, record_conv_geometry
 from codec_det.compress import CompressionResult, LayerReport
 from codec_det.spec import CompressionSpec
@@ -95,6 +95,7 @@ def plan_baseline_compression(
     convs = {name: conv for name, conv in convs.items() if name not in keep_dense}
     geometry = record_conv_geometry(model, list(convs), input_size)
     total_macs, total_params = count_model(model, input_size)
+    check_targets_below_model(total_macs, total_params, target_macs, target_params)
 
     ladders = []
     types = {}
