@@ -54,6 +54,15 @@ def test_rejects_non_empty_output(tool, finished_run):
         tool.main(quick_args(finished_run))
 
 
+def test_output_file_rejected_with_overwrite(tool, tmp_path):
+    output = tmp_path / "codec"
+    output.write_text("not a directory")
+
+    with pytest.raises(SystemExit, match="is not a directory"):
+        tool.main([*quick_args(output), "--overwrite"])
+    assert output.read_text() == "not a directory"
+
+
 def test_failed_run_leaves_no_output(tool, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash while writing the chart")

@@ -126,7 +126,10 @@ def validate_args(args: argparse.Namespace) -> None:
     elif args.config is not None:
         raise SystemExit("error: --config goes with --from-d2; the other modes compress a torchvision ResNet-50")
     output = args.output
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+    if output.exists() and not output.is_dir():
+        # --overwrite replaces directories only, so a file here would fail after the whole compression.
+        raise SystemExit(f"error: output {output} exists and is not a directory; choose another --output")
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: output {output} exists and is not empty; pass --overwrite or choose another --output")
 
 
