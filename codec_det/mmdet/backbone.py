@@ -122,7 +122,7 @@ class CoDeCResNet(ResNet):
         if weights_file is not None and self.norm1_name != "bn1":
             raise ValueError(
                 f"CoDeCResNet: norm_cfg {self.norm_cfg} names its norms {self.norm1_name}, but the weights in "
-                f"{weights_file} hold BatchNorm weights (bn1, layer1.0.bn1, ...): use norm_cfg type 'BN' or "
+                f"{weights_file} contain BatchNorm weights (bn1, layer1.0.bn1, ...): use norm_cfg type 'BN' or "
                 "'SyncBN', or train from scratch without weights"
             )
 
