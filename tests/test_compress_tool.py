@@ -117,6 +117,20 @@ def test_truncated_weights_file(tool, tmp_path, caplog):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+@pytest.mark.parametrize("option", ["--target-macs", "--target-params"])
+def test_invalid_target_rejected(tool, tmp_path, option, value):
+    budget = {"--target-macs": "2", "--target-params": "10"}
+    budget[option] = value
+    args = ["--init", "random", "--output", str(tmp_path / "out")]
+    for name, number in budget.items():
+        args += [name, number]
+
+    with pytest.raises(SystemExit, match=f"{option} must be a positive finite number"):
+        tool.main(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_weights_file(tool, tmp_path):
     args = ["--weights", str(tmp_path / "absent.pth"), "--preset", "codec-45", "--output", str(tmp_path / "out")]
 

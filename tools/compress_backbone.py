@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -93,12 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject bad values before any work starts, naming the option and the fix."""
-    if args.target_macs is not None and args.target_macs <= 0:
-        raise SystemExit(f"error: --target-macs must be positive (in G), got {args.target_macs}")
-    if args.target_params is not None and args.target_params <= 0:
-        raise SystemExit(f"error: --target-params must be positive (in millions), got {args.target_params}")
-    if args.fpn_target_macs is not None and args.fpn_target_macs <= 0:
-        raise SystemExit(f"error: --fpn-target-macs must be positive (in G), got {args.fpn_target_macs}")
+    if args.target_macs is not None and not (math.isfinite(args.target_macs) and args.target_macs > 0):
+        raise SystemExit(f"error: --target-macs must be a positive finite number (in G), got {args.target_macs}")
+    if args.target_params is not None and not (math.isfinite(args.target_params) and args.target_params > 0):
+        raise SystemExit(f"error: --target-params must be a positive finite number (in millions), got {args.target_params}")
+    if args.fpn_target_macs is not None and not (math.isfinite(args.fpn_target_macs) and args.fpn_target_macs > 0):
+        raise SystemExit(f"error: --fpn-target-macs must be a positive finite number (in G), got {args.fpn_target_macs}")
     if (args.fpn_preset is not None or args.fpn_target_macs is not None) and args.from_d2 is None:
         raise SystemExit(
             "error: --fpn-preset and --fpn-target-macs go with --from-d2; the other modes compress a ResNet-50 "
