@@ -82,6 +82,29 @@ class LayerSpec:
         if len(self.kernel_size) != 2 or min(self.kernel_size) <= 0:
             raise SpecError(f"layer {name}: kernel_size must be two positive integers, got {self.kernel_size!r}")
 
+    def geometry_mismatch(self, conv) -> dict[str, tuple[Any, Any]]:
+        """Compare the conv geometry stored here with ``conv``'s (any ``nn.Conv2d``).
+
+        Returns:
+            ``{field: (spec value, conv value)}`` for each field that differs:
+            channels, kernel, stride, padding, dilation, bias. Empty when they match.
+        """
+        model = {
+            "in_channels": conv.in_channels,
+            "out_channels": conv.out_channels,
+            "kernel_size": list(conv.kernel_size),
+            "stride": list(conv.stride),
+            "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+            "dilation": list(conv.dilation),
+            "bias": conv.bias is not None,
+        }
+        return {key: (getattr(self, key), value) for key, value in model.items() if getattr(self, key) != value}
+
+    @staticmethod
+    def describe_mismatch(mismatch: dict[str, tuple[Any, Any]]) -> str:
+        """Format the output of ``geometry_mismatch`` as ``"stride [2, 2] (model: [1, 1]), ..."``."""
+        return ", ".join(f"{key} {found} (model: {expected})" for key, (found, expected) in mismatch.items())
+
 
 @dataclass
 class CompressionSpec:

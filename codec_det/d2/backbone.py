@@ -96,21 +96,14 @@ def apply_codec_spec(resnet: ResNet, spec: CompressionSpec) -> ResNet:
 
 
 def _check_geometry(name: str, d2_name: str, conv: Conv2d, entry: LayerSpec) -> None:
-    expected = {
-        "in_channels": conv.in_channels,
-        "out_channels": conv.out_channels,
-        "kernel_size": list(conv.kernel_size),
-        "stride": list(conv.stride),
-        "padding": list(conv.padding) if not isinstance(conv.padding, str) else conv.padding,
-        "dilation": list(conv.dilation),
-        "bias": conv.bias is not None,
-    }
-    found = {key: getattr(entry, key) for key in expected}
-    if found == expected:
+    mismatch = entry.geometry_mismatch(conv)
+    if not mismatch:
         return
-    differences = ", ".join(f"{key} {found[key]} (model: {expected[key]})" for key in expected if found[key] != expected[key])
-    message = f"spec layer {name} (Detectron2 {d2_name}) does not match the model's conv: {differences}"
-    if found["stride"] != expected["stride"]:
+    message = (
+        f"spec layer {name} (Detectron2 {d2_name}) does not match the model's conv: "
+        f"{LayerSpec.describe_mismatch(mismatch)}"
+    )
+    if "stride" in mismatch:
         message += (
             "; the stride of a stage's first block sits in the 1x1 conv when MODEL.RESNETS.STRIDE_IN_1X1 is True "
             "and in the 3x3 conv when it is False, so set it as the spec was made"

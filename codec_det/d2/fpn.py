@@ -129,21 +129,11 @@ def apply_fpn_spec(fpn: FPN, spec: CompressionSpec) -> FPN:
 
 
 def _check_geometry(name: str, conv: Conv2d, entry: LayerSpec) -> None:
-    expected = {
-        "in_channels": conv.in_channels,
-        "out_channels": conv.out_channels,
-        "kernel_size": list(conv.kernel_size),
-        "stride": list(conv.stride),
-        "padding": list(conv.padding) if not isinstance(conv.padding, str) else conv.padding,
-        "dilation": list(conv.dilation),
-        "bias": conv.bias is not None,
-    }
-    found = {key: getattr(entry, key) for key in expected}
-    if found == expected:
+    mismatch = entry.geometry_mismatch(conv)
+    if not mismatch:
         return
-    differences = ", ".join(f"{key} {found[key]} (model: {expected[key]})" for key in expected if found[key] != expected[key])
-    message = f"FPN spec layer {name} does not match the model's conv: {differences}"
-    if found["bias"] != expected["bias"]:
+    message = f"FPN spec layer {name} does not match the model's conv: {LayerSpec.describe_mismatch(mismatch)}"
+    if "bias" in mismatch:
         message += (
             "; Detectron2's FPN convs have a bias only when MODEL.FPN.NORM is \"\", so set MODEL.FPN.NORM "
             "as the spec was made"

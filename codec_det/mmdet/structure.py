@@ -76,28 +76,13 @@ def check_style(spec: CompressionSpec, style: str) -> None:
         )
 
 
-def _conv_geometry(conv: nn.Conv2d) -> dict:
-    return {
-        "in_channels": conv.in_channels,
-        "out_channels": conv.out_channels,
-        "kernel_size": list(conv.kernel_size),
-        "stride": list(conv.stride),
-        "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
-        "dilation": list(conv.dilation),
-        "bias": conv.bias is not None,
-    }
-
-
 def _check_geometry(name: str, conv: nn.Conv2d, entry: LayerSpec) -> None:
-    expected = _conv_geometry(conv)
-    found = {key: getattr(entry, key) for key in expected}
-    if found == expected:
-        return
-    differences = ", ".join(f"{key} {found[key]} (model: {expected[key]})" for key in expected if found[key] != expected[key])
-    raise SpecError(
-        f"spec layer {name} does not match the conv of this ResNet: {differences}; "
-        "the spec was made for another model, or strides or dilations differ from ResNet-50's"
-    )
+    mismatch = entry.geometry_mismatch(conv)
+    if mismatch:
+        raise SpecError(
+            f"spec layer {name} does not match the conv of this ResNet: {LayerSpec.describe_mismatch(mismatch)}; "
+            "the spec was made for another model, or strides or dilations differ from ResNet-50's"
+        )
 
 
 def apply_codec_spec(resnet: nn.Module, spec: CompressionSpec) -> nn.Module:
