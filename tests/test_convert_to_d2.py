@@ -7,7 +7,6 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
-from torch import nn
 
 pytest.importorskip("detectron2")
 
@@ -25,39 +24,13 @@ from codec_det.d2.layers import CoDeCNormConv2d  # noqa: E402
 from codec_det.d2.names import torchvision_to_d2_key  # noqa: E402
 from codec_det.decompose import ALSSettings  # noqa: E402
 from codec_det.spec import CompressionSpec, SpecError  # noqa: E402
+from resnet_fixtures import MIXED_PLAN, randomize_norms  # noqa: E402
 
 torch.set_num_threads(2)
 
 PREFIX = "backbone.bottom_up."
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_to_d2.py"
 STAGES = ["res2", "res3", "res4", "res5"]
-
-# Covers 3x3 and 1x1 convs, strided ones, shortcuts, several groups and
-# permutations folded into the next norm and conv (G > 1 on foldable convs).
-PLAN = {
-    "layer1.0.conv2": (2, 8, None),
-    "layer1.0.downsample.0": (1, 32, None),
-    "layer2.0.conv1": (2, 16, None),
-    "layer2.0.conv2": (2, 16, None),
-    "layer2.0.downsample.0": (1, 32, None),
-    "layer3.1.conv1": (2, 32, None),
-    "layer3.1.conv3": (1, 64, None),
-    "layer4.0.conv1": (2, 32, None),
-    "layer4.2.conv3": (1, 64, None),
-}
-
-
-def randomize_norms(model, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            size = module.num_features
-            module.weight.data = 0.5 + torch.rand(size, generator=generator)
-            module.bias.data = 0.1 * torch.randn(size, generator=generator)
-            module.running_mean = 0.1 * torch.randn(size, generator=generator)
-            module.running_var = 0.5 + torch.rand(size, generator=generator)
-    return model
-
 
 def trunk_features(model, image):
     """res2..res5 of a torchvision ResNet."""
@@ -96,7 +69,7 @@ def dense_model():
 def compressed_dir(dense_model, tmp_path_factory):
     result = compress_model(
         copy.deepcopy(dense_model),
-        plan=PLAN,
+        plan=MIXED_PLAN,
         input_size=(64, 64),
         settings=ALSSettings(n_iter_max=3),
         architecture="resnet50",

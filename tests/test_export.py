@@ -14,6 +14,7 @@ from codec_det.export.verify import compare_outputs, flatten_outputs
 from codec_det.layers.codec_conv import CoDeCConv2d
 from codec_det.spec import resolve_spec
 from codec_det.surgery import apply_spec
+from resnet_fixtures import randomize_norms
 
 torch.set_num_threads(2)
 
@@ -31,21 +32,6 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def randomize_norms(model, seed=1):
-    """Give every batch norm (torch's or Detectron2's frozen one) non-trivial statistics and affine terms."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if getattr(module, "running_var", None) is None or getattr(module, "weight", None) is None:
-                continue
-            size = module.running_var.numel()
-            module.weight.copy_(0.5 + torch.rand(size, generator=generator))
-            module.bias.copy_(0.1 * torch.randn(size, generator=generator))
-            module.running_mean.copy_(0.1 * torch.randn(size, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(size, generator=generator))
-    return model
 
 
 def classifier(preset=None):

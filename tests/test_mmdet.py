@@ -46,6 +46,7 @@ from codec_det.mmdet import CoDeCResNet, spec_style  # noqa: E402
 from codec_det.mmdet import backbone as mmdet_backbone  # noqa: E402
 from codec_det.mmdet.runner import load_config, resolve_config_file, set_data_root  # noqa: E402
 from codec_det.spec import SpecError, resolve_spec  # noqa: E402
+from resnet_fixtures import MIXED_PLAN, randomize_norms  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -53,33 +54,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "mmdet"
 STAGES = ["res2", "res3", "res4", "res5"]
 STAGE_CHANNELS = [256, 512, 1024, 2048]
-
-# Covers 3x3 and 1x1 convs, strided ones, shortcuts, several groups and
-# permutations folded into the next norm and conv (G > 1 on foldable convs).
-PLAN = {
-    "layer1.0.conv2": (2, 8, None),
-    "layer1.0.downsample.0": (1, 32, None),
-    "layer2.0.conv1": (2, 16, None),
-    "layer2.0.conv2": (2, 16, None),
-    "layer2.0.downsample.0": (1, 32, None),
-    "layer3.1.conv1": (2, 32, None),
-    "layer3.1.conv3": (1, 64, None),
-    "layer4.0.conv1": (2, 32, None),
-    "layer4.2.conv3": (1, 64, None),
-}
-
-
-def randomize_norms(model, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            size = module.num_features
-            module.weight.data = 0.5 + torch.rand(size, generator=generator)
-            module.bias.data = 0.1 * torch.randn(size, generator=generator)
-            module.running_mean = 0.1 * torch.randn(size, generator=generator)
-            module.running_var = 0.5 + torch.rand(size, generator=generator)
-    return model
-
 
 def relative_error(found, expected):
     return float((found - expected).norm() / expected.norm())
@@ -99,7 +73,7 @@ def compressed_dir(tmp_path_factory):
     dense = randomize_norms(torchvision.models.resnet50()).eval()
     result = compress_model(
         copy.deepcopy(dense),
-        plan=PLAN,
+        plan=MIXED_PLAN,
         input_size=(64, 64),
         settings=ALSSettings(n_iter_max=3),
         architecture="resnet50",
