@@ -9,7 +9,7 @@
 # --with-mmdet (or CODEC_WITH_MMDET=1) also installs MMDetection 3.3.0 with
 # mmengine 0.10.7 and mmcv 2.1.0. The mmcv wheel comes from the cache of
 # tools/build_mmcv_wheel.sh, which builds it first when the cache has none
-# for this Python and torch (15 to 35 minutes on 2 cores).
+# for this Python and torch (7 to 16 minutes on 2 cores, idle or busy).
 #
 # Environment variables:
 #   CODEC_WITH_MMDET               1 to install MMDetection, as --with-mmdet does (default: 0)
