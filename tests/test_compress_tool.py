@@ -131,6 +131,15 @@ def test_invalid_target_rejected(tool, tmp_path, option, value):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_invalid_threads_rejected(tool, tmp_path, value):
+    args = ["--init", "random", "--preset", "codec-66", "--threads", value, "--output", str(tmp_path / "out")]
+
+    with pytest.raises(SystemExit, match=f"--threads must be a positive integer, got {value}"):
+        tool.main(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_weights_file(tool, tmp_path):
     args = ["--weights", str(tmp_path / "absent.pth"), "--preset", "codec-45", "--output", str(tmp_path / "out")]
 

@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"maximum ALS iterations per layer (default {ALSSettings.n_iter_max})")
     parser.add_argument("--device", default="cpu", help="device for the decomposition, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and clustering")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's own choice, one per core); on a machine "
+                        "that other jobs load, 1 can be much faster for the many small batched solves of ALS")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow unpickling a trusted .pth file that tensor-only loading rejects, "
                         "or a Detectron2 .pkl model with --from-d2")
@@ -109,6 +112,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: --target-params goes with --target-macs; a --preset sets both")
     if args.groups is not None and args.groups <= 0:
         raise SystemExit(f"error: --groups must be a positive integer, got {args.groups}")
+    if args.threads is not None and args.threads <= 0:
+        raise SystemExit(f"error: --threads must be a positive integer, got {args.threads}")
     if args.rank_multiple <= 0:
         raise SystemExit(f"error: --rank-multiple must be a positive integer, got {args.rank_multiple}")
     if args.method != "codec" and args.groups is not None:
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     validate_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         return run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
