@@ -8,6 +8,7 @@ import copy
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -332,6 +333,20 @@ def test_unsupported_resnet_arguments(argument, value):
         build_backbone(spec="codec-45", **{argument: value})
 
 
+@pytest.mark.parametrize(
+    "argument, value",
+    [("out_indices", (0, 4)), ("out_indices", (-1,)), ("out_indices", ()), ("frozen_stages", 5), ("frozen_stages", -2)],
+)
+def test_out_of_range_stage_arguments(argument, value):
+    with pytest.raises(ValueError, match=re.escape(f"{argument}={value!r} is invalid")):
+        build_backbone(spec="codec-45", **{argument: value})
+
+
+def test_unknown_resnet_argument_rejected():
+    with pytest.raises(ValueError, match=r"unknown arguments \['nonsense'\]"):
+        build_backbone(spec="codec-45", nonsense=1)
+
+
 def test_pretrained_init_cfg_rejected(compressed_dir):
     with pytest.raises(ValueError, match="remove pretrained="):
         build_backbone(spec="codec-45", init_cfg=dict(type="Pretrained", checkpoint=str(compressed_dir)))
@@ -381,6 +396,19 @@ def test_uncompressed_weights_rejected(tmp_path):
 def test_missing_weights_file_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights .* not found"):
         build_backbone(spec="codec-45", weights=str(tmp_path / "absent.safetensors"))
+
+
+def test_missing_weights_directory_named(tmp_path):
+    absent = tmp_path / "absent"
+    with pytest.raises(FileNotFoundError, match=f"weights {absent} not found"):
+        build_backbone(weights=str(absent))
+
+
+def test_weights_directory_without_spec_rejected(compressed_dir, tmp_path):
+    (tmp_path / MODEL_FILE).write_bytes((compressed_dir / MODEL_FILE).read_bytes())
+
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} has no spec.json"):
+        build_backbone(weights=str(tmp_path))
 
 
 def test_detectron2_checkpoint_rejected(compressed_dir, tmp_path):

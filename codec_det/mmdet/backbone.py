@@ -15,7 +15,7 @@ from pathlib import Path
 from mmdet.models.backbones import ResNet
 from mmdet.registry import MODELS
 
-from codec_det.checkpoint import SPEC_FILE
+from codec_det.checkpoint import MODEL_FILE, SPEC_FILE
 from codec_det.mmdet.structure import apply_codec_spec, check_resnet_arguments, check_style
 from codec_det.mmdet.weights import load_backbone_weights, resolve_weights_file
 from codec_det.spec import BUNDLED_SPECS, CompressionSpec, SpecError, resolve_spec
@@ -32,16 +32,28 @@ def resolve_backbone_spec(spec: str | os.PathLike | None, weights: str | os.Path
     ``spec.json`` must describe the same layers as ``spec``.
 
     Raises:
-        ValueError: neither is given.
-        FileNotFoundError: ``spec`` names no file, directory or preset.
+        ValueError: neither is given, or only ``weights`` and it is a file.
+        FileNotFoundError: ``spec`` names no file, directory or preset, or, without ``spec``,
+            ``weights`` does not exist or its directory has no ``spec.json``.
         SpecError: the spec is invalid or differs from the weights directory's spec.
     """
     weights_dir = Path(weights) if weights is not None and Path(weights).is_dir() else None
     if spec is None:
+        if weights is not None and not Path(weights).exists():
+            raise FileNotFoundError(
+                f"CoDeCResNet weights {weights} not found; give a directory written by tools/compress_backbone.py "
+                f"(with {MODEL_FILE} and {SPEC_FILE})"
+            )
         if weights_dir is None:
             raise ValueError(
                 "CoDeCResNet needs spec= (a spec.json path, a tools/compress_backbone.py directory, or a preset "
                 f"{sorted(BUNDLED_SPECS)}) or weights= set to a tools/compress_backbone.py directory"
+            )
+        if not (weights_dir / SPEC_FILE).is_file():
+            raise FileNotFoundError(
+                f"CoDeCResNet weights directory {weights_dir} has no {SPEC_FILE}; give a directory written by "
+                f"tools/compress_backbone.py (with {MODEL_FILE} and {SPEC_FILE}), or set spec= to the spec "
+                "the weights were made with"
             )
         return resolve_spec(weights_dir)
 
@@ -79,7 +91,9 @@ class CoDeCResNet(ResNet):
     ``ResNet``. Freezing happens after the replacement, so a frozen stage
     freezes its CoDeC factors. Arguments that rename modules or change the
     graph around the convs (``deep_stem``, ``avg_down``, ``dcn``,
-    ``plugins``, ``conv_cfg``, another depth) raise ``ValueError``.
+    ``plugins``, ``conv_cfg``, another depth) raise ``ValueError``, and so
+    do unknown arguments and ``out_indices`` or ``frozen_stages`` outside
+    ResNet-50's 4 stages.
 
     A folded permutation (``permutation_folded`` in the spec) makes a layer
     emit its filters in group order; the BatchNorm and conv after it hold

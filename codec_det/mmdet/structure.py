@@ -8,8 +8,10 @@ and in ``tools/compress_backbone.py`` weights, so no renaming is needed.
 
 from __future__ import annotations
 
+import inspect
 import re
 
+from mmdet.models.backbones import ResNet
 from torch import nn
 
 from codec_det.spec import CompressionSpec, LayerSpec, SpecError
@@ -33,12 +35,43 @@ _FIXED_ARGUMENTS = {
 }
 
 
+# The keyword arguments of MMDetection's ResNet, which CoDeCResNet passes on.
+_RESNET_ARGUMENTS = frozenset(inspect.signature(ResNet.__init__).parameters) - {"self"}
+
+# ResNet-50 has 4 stages. MMDetection 3.3.0's ResNet asserts only max(out_indices) < 4,
+# so a negative index is dropped without a message, and frozen_stages above 4
+# fails with an AttributeError on layer5.
+_NUM_STAGES = 4
+
+
 def check_resnet_arguments(arguments: dict) -> None:
     """Reject MMDetection ``ResNet`` arguments that the CoDeC backbone does not build, naming the fix.
 
     Raises:
-        ValueError: an argument differs from ResNet-50's plain layout.
+        ValueError: an argument is unknown, out of range, or differs from ResNet-50's plain layout.
     """
+    unknown = sorted(set(arguments) - _RESNET_ARGUMENTS)
+    if unknown:
+        raise ValueError(
+            f"CoDeCResNet: unknown arguments {unknown}; it takes spec, weights and the arguments of "
+            f"MMDetection's ResNet ({', '.join(sorted(_RESNET_ARGUMENTS))})"
+        )
+    out_indices = arguments.get("out_indices", (0, 1, 2, 3))
+    if (
+        not isinstance(out_indices, (list, tuple))
+        or not out_indices
+        or any(type(index) is not int or not 0 <= index < _NUM_STAGES for index in out_indices)
+    ):
+        raise ValueError(
+            f"CoDeCResNet: out_indices={out_indices!r} is invalid; give a non-empty tuple of stage indices "
+            f"from 0 to {_NUM_STAGES - 1}, e.g. (0, 1, 2, 3)"
+        )
+    frozen_stages = arguments.get("frozen_stages", -1)
+    if type(frozen_stages) is not int or not -1 <= frozen_stages <= _NUM_STAGES:
+        raise ValueError(
+            f"CoDeCResNet: frozen_stages={frozen_stages!r} is invalid; give an integer from -1 (nothing frozen) "
+            f"to {_NUM_STAGES} (the stem and all stages frozen)"
+        )
     for key, (value, reason) in _FIXED_ARGUMENTS.items():
         if key in arguments and arguments[key] != value:
             raise ValueError(f"CoDeCResNet: {key}={arguments[key]!r} is not supported ({reason}); set {key}={value!r}")
