@@ -128,8 +128,13 @@ def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) ->
     return state
 
 
-def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model``, raising ``SpecError`` that names every mismatched key."""
+def load_weights_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, target: str = "the model built from the spec"
+) -> None:
+    """Load ``state`` into ``model``, raising ``SpecError`` that names every mismatched key.
+
+    ``target`` names ``model`` in that message.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -146,7 +151,7 @@ def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], source
             shapes = [f"{name}: model {tuple(expected[name].shape)} vs file {tuple(state[name].shape)}"
                       for name in wrong_shape[:8]]
             details.append(f"shape mismatches {shapes}")
-        raise SpecError(f"weights in {source} do not match the model built from the spec: " + "; ".join(details))
+        raise SpecError(f"weights in {source} do not match {target}: " + "; ".join(details))
 
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

@@ -45,7 +45,7 @@ from codec_det.decompose import ALSSettings  # noqa: E402
 from codec_det.layers.codec_conv import CoDeCConv2d  # noqa: E402
 from codec_det.mmdet import CoDeCResNet, spec_style  # noqa: E402
 from codec_det.mmdet import backbone as mmdet_backbone  # noqa: E402
-from codec_det.mmdet.runner import load_config, resolve_config_file, set_data_root  # noqa: E402
+from codec_det.mmdet.runner import evaluate, load_config, resolve_config_file, set_data_root  # noqa: E402
 from codec_det.spec import SpecError, resolve_spec  # noqa: E402
 from resnet_fixtures import MIXED_PLAN, randomize_norms  # noqa: E402
 
@@ -523,6 +523,28 @@ def test_load_config_backbone_weights(compressed_dir):
 def test_missing_config_says_where_it_looked():
     with pytest.raises(FileNotFoundError, match="configs/mmdet"):
         resolve_config_file("absent.py")
+
+
+def test_missing_data_root_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"data root {tmp_path / 'absent'} is not a directory"):
+        load_config("mask-rcnn_codec45_r50_fpn_1x_coco.py", data_root=tmp_path / "absent")
+
+
+def test_evaluate_rejects_backbone_weights(compressed_dir, tmp_path):
+    cfg = load_config("mask-rcnn_codec45_r50_fpn_1x_coco.py", work_dir=tmp_path)
+
+    with pytest.raises(SpecError, match="contains no detector weights"):
+        evaluate(cfg, compressed_dir / MODEL_FILE)
+
+
+def test_evaluate_names_mismatched_keys(tmp_path):
+    checkpoint = tmp_path / "detector.safetensors"
+    save_file({"backbone.absent.weight": torch.zeros(1)}, str(checkpoint))
+    cfg = load_config("mask-rcnn_codec45_r50_fpn_1x_coco.py", work_dir=tmp_path / "work")
+
+    with pytest.raises(SpecError, match=r"unexpected keys \['backbone\.absent\.weight'\]") as raised:
+        evaluate(cfg, checkpoint)
+    assert "missing keys ['backbone.bn1." in str(raised.value)
 
 
 @pytest.mark.slow

@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if not metrics:
-        print(f"no evaluation ran; outputs are in {cfg.work_dir}")
+        print(
+            f"no metrics: the schedule ran no validation, or the evaluator returned none (MMDetection's "
+            f"CocoMetric returns none when the model detects nothing); outputs are in {cfg.work_dir}"
+        )
         return 0
     width = max(len(key) for key in metrics)
     print(f"metrics ({cfg.work_dir}/metrics.json):")

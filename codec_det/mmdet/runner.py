@@ -20,7 +20,8 @@ from mmengine.hooks import Hook
 from mmengine.runner import Runner
 from safetensors.torch import save_file
 
-from codec_det.checkpoint import load_state_dict_file
+from codec_det.checkpoint import load_state_dict_file, load_weights_strict
+from codec_det.spec import SpecError
 
 __all__ = [
     "CONFIGS_DIR",
@@ -103,7 +104,7 @@ def load_config(
         work_dir: output folder; default ``output/mmdet/<config name>``.
         backbone_weights: a ``tools/compress_backbone.py`` directory; the
             backbone then takes its weights and its ``spec.json``.
-        data_root: dataset folder (see ``set_data_root``).
+        data_root: dataset folder (see ``set_data_root``); FileNotFoundError when it is no directory.
         options: ``--cfg-options`` overrides, applied last.
     """
     path = resolve_config_file(config_file)
@@ -119,6 +120,11 @@ def load_config(
         backbone.weights = str(backbone_weights)
         backbone.spec = None
     if data_root is not None:
+        if not Path(data_root).is_dir():
+            raise FileNotFoundError(
+                f"data root {data_root} is not a directory; give the dataset folder that the config's annotation "
+                "files and image folders are relative to (for COCO, the folder that holds annotations/)"
+            )
         set_data_root(cfg, data_root)
     if options:
         cfg.merge_from_dict(options)
@@ -203,12 +209,18 @@ def evaluate(cfg: Config, checkpoint: str | os.PathLike, allow_pickle: bool = Fa
     Raises:
         FileNotFoundError: ``checkpoint`` does not exist.
         ValueError: the file cannot be read without unpickling objects.
-        RuntimeError: its keys differ from the model's (``load_state_dict`` strict).
+        SpecError: its keys or shapes differ from the detector's; the message names them.
     """
+    state = load_state_dict_file(checkpoint, allow_pickle=allow_pickle)
+    if state and not any(key.startswith("backbone.") for key in state):
+        raise SpecError(
+            f"checkpoint {checkpoint} contains no detector weights (no key starts with 'backbone.'), so it is "
+            "probably a backbone's weights: pass a tools/compress_backbone.py folder as --backbone-weights to "
+            f"train, and give --checkpoint the {FINAL_WEIGHTS_FILE} of a training run"
+        )
     cfg.load_from = None
     runner = Runner.from_cfg(cfg)
-    state = load_state_dict_file(checkpoint, allow_pickle=allow_pickle)
-    runner.model.load_state_dict(state, strict=True)
+    load_weights_strict(runner.model, state, str(checkpoint), target="the detector that the config builds")
     logger.info("loaded the detector weights from %s (%d tensors)", checkpoint, len(state))
     metrics = _numeric(runner.test())
     _write_json(Path(runner.work_dir) / METRICS_FILE, metrics)
