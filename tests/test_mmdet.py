@@ -45,7 +45,7 @@ from codec_det.decompose import ALSSettings  # noqa: E402
 from codec_det.layers.codec_conv import CoDeCConv2d  # noqa: E402
 from codec_det.mmdet import CoDeCResNet, spec_style  # noqa: E402
 from codec_det.mmdet import backbone as mmdet_backbone  # noqa: E402
-from codec_det.mmdet.runner import evaluate, load_config, resolve_config_file, set_data_root  # noqa: E402
+from codec_det.mmdet.runner import check_data_files, evaluate, load_config, resolve_config_file, set_data_root  # noqa: E402
 from codec_det.spec import SpecError, resolve_spec  # noqa: E402
 from resnet_fixtures import MIXED_PLAN, randomize_norms  # noqa: E402
 
@@ -528,6 +528,25 @@ def test_missing_config_says_where_it_looked():
 def test_missing_data_root_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"data root {tmp_path / 'absent'} is not a directory"):
         load_config("mask-rcnn_codec45_r50_fpn_1x_coco.py", data_root=tmp_path / "absent")
+
+
+def test_check_data_files_names_missing_paths(tmp_path):
+    cfg = load_config("mask-rcnn_codec45_r50_fpn_1x_coco.py", data_root=tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"train_dataloader: annotation file {tmp_path}/annotations"):
+        check_data_files(cfg)
+    with pytest.raises(FileNotFoundError, match=f"test_dataloader: annotation file {tmp_path}/annotations"):
+        check_data_files(cfg, eval_only=True)
+
+    (tmp_path / "annotations").mkdir()
+    for split in ("train2017", "val2017"):
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"train_dataloader: image folder {tmp_path}/train2017 not found"):
+        check_data_files(cfg)
+
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "val2017").mkdir()
+    check_data_files(cfg)
+    check_data_files(cfg, eval_only=True)
 
 
 def test_evaluate_rejects_backbone_weights(compressed_dir, tmp_path):

@@ -32,7 +32,7 @@ try:
     import torch
     from mmengine.config import DictAction
 
-    from codec_det.mmdet.runner import evaluate, load_config, train_and_evaluate
+    from codec_det.mmdet.runner import check_data_files, evaluate, load_config, train_and_evaluate
 except (ImportError, AssertionError) as error:
     # mmdet raises AssertionError at import when its mmcv has another version.
     sys.exit(
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             data_root=args.data_root,
             options=args.cfg_options,
         )
+        check_data_files(cfg, eval_only=args.eval_only)
         if args.eval_only:
             metrics = evaluate(cfg, args.checkpoint, allow_pickle=args.allow_pickle)
         else:

@@ -30,6 +30,7 @@ __all__ = [
     "resolve_config_file",
     "load_config",
     "set_data_root",
+    "check_data_files",
     "MetricsRecorderHook",
     "train_and_evaluate",
     "evaluate",
@@ -87,6 +88,43 @@ def set_data_root(cfg: Config, root: str | os.PathLike) -> None:
             if ann_file and old_root and str(ann_file).startswith(old_root):
                 evaluator.ann_file = new_root + str(ann_file)[len(old_root):]
     cfg.data_root = new_root
+
+
+def check_data_files(cfg: Config, *, eval_only: bool = False) -> None:
+    """Check that the annotation files and image folders the run reads exist, before any Runner is built.
+
+    Training reads the train and val sets, evaluation only the test set. A
+    relative path is relative to the working directory, as MMEngine reads it.
+    Datasets without their own ``ann_file`` (dataset wrappers) and datasets
+    or evaluators with ``backend_args`` (remote storage) are skipped.
+
+    Raises:
+        FileNotFoundError: an annotation file or image folder is missing; the message names it.
+    """
+    dataloaders = ("test_dataloader",) if eval_only else ("train_dataloader", "val_dataloader")
+    evaluators = ("test_evaluator",) if eval_only else ("val_evaluator",)
+    hint = (
+        f"pass --data-root with the dataset folder, or run from the folder that the config's relative paths "
+        f"start from (the working directory is {Path.cwd()})"
+    )
+    for key in dataloaders:
+        dataset = (cfg.get(key) or {}).get("dataset") or {}
+        if not dataset.get("ann_file") or dataset.get("backend_args"):
+            continue
+        data_root = Path(dataset.get("data_root") or "")
+        ann_file = data_root / dataset.ann_file
+        if not ann_file.is_file():
+            raise FileNotFoundError(f"{key}: annotation file {ann_file} not found; {hint}")
+        image_folder = data_root / ((dataset.get("data_prefix") or {}).get("img") or "")
+        if not image_folder.is_dir():
+            raise FileNotFoundError(f"{key}: image folder {image_folder} not found; {hint}")
+    for key in evaluators:
+        configured = cfg.get(key)
+        for evaluator in configured if isinstance(configured, list) else [configured]:
+            evaluator = evaluator or {}
+            ann_file = evaluator.get("ann_file")
+            if ann_file and not evaluator.get("backend_args") and not Path(ann_file).is_file():
+                raise FileNotFoundError(f"{key}: annotation file {ann_file} not found; {hint}")
 
 
 def load_config(
