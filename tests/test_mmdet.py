@@ -45,7 +45,16 @@ from codec_det.decompose import ALSSettings  # noqa: E402
 from codec_det.layers.codec_conv import CoDeCConv2d  # noqa: E402
 from codec_det.mmdet import CoDeCResNet, spec_style  # noqa: E402
 from codec_det.mmdet import backbone as mmdet_backbone  # noqa: E402
-from codec_det.mmdet.runner import check_data_files, evaluate, load_config, resolve_config_file, set_data_root  # noqa: E402
+from codec_det.mmdet.runner import (  # noqa: E402
+    FINAL_WEIGHTS_FILE,
+    METRICS_FILE,
+    check_data_files,
+    evaluate,
+    load_config,
+    resolve_config_file,
+    set_data_root,
+    train_and_evaluate,
+)
 from codec_det.spec import SpecError, resolve_spec  # noqa: E402
 from resnet_fixtures import MIXED_PLAN, randomize_norms  # noqa: E402
 
@@ -547,6 +556,19 @@ def test_check_data_files_names_missing_paths(tmp_path):
     (tmp_path / "val2017").mkdir()
     check_data_files(cfg)
     check_data_files(cfg, eval_only=True)
+
+
+def test_failed_training_removes_earlier_outputs(tmp_path):
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    for name in (FINAL_WEIGHTS_FILE, METRICS_FILE):
+        (work_dir / name).write_text("from an earlier run")
+    cfg = load_config("demo/mask-rcnn_codec45_demo_voc.py", work_dir=work_dir, data_root=tmp_path)
+
+    with pytest.raises(FileNotFoundError):
+        train_and_evaluate(cfg)
+    assert not (work_dir / FINAL_WEIGHTS_FILE).exists()
+    assert not (work_dir / METRICS_FILE).exists()
 
 
 def test_evaluate_rejects_backbone_weights(compressed_dir, tmp_path):

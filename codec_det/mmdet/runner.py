@@ -219,9 +219,17 @@ def train_and_evaluate(cfg: Config) -> dict[str, float]:
 
     Writes ``model_final.safetensors`` (the detector's state dict, readable
     without unpickling) and ``metrics.json`` into ``cfg.work_dir``, next to
-    MMEngine's own checkpoints and logs. Returns an empty dict when the
-    config's schedule runs no validation.
+    MMEngine's own checkpoints and logs. Both files of an earlier run in
+    that folder are removed first, so a failed run does not leave the
+    folder looking finished. Returns an empty dict when the config's
+    schedule runs no validation or the evaluator returns no metrics.
     """
+    for name in (FINAL_WEIGHTS_FILE, METRICS_FILE):
+        earlier = Path(cfg.work_dir) / name
+        if earlier.is_file():
+            earlier.unlink()
+            logger.warning("removed %s of an earlier run; this run writes it again when it finishes", earlier)
+
     runner = Runner.from_cfg(cfg)
     recorder = MetricsRecorderHook()
     runner.register_hook(recorder)
