@@ -539,6 +539,14 @@ def test_missing_data_root_rejected(tmp_path):
         load_config("mask-rcnn_codec45_r50_fpn_1x_coco.py", data_root=tmp_path / "absent")
 
 
+def test_work_dir_that_is_a_file_rejected(tmp_path):
+    work_file = tmp_path / "work"
+    work_file.write_text("")
+
+    with pytest.raises(ValueError, match=f"work directory {work_file} exists and is not a directory"):
+        load_config("demo/mask-rcnn_codec45_demo_voc.py", work_dir=work_file)
+
+
 def test_check_data_files_names_missing_paths(tmp_path):
     cfg = load_config("mask-rcnn_codec45_r50_fpn_1x_coco.py", data_root=tmp_path)
     with pytest.raises(FileNotFoundError, match=f"train_dataloader: annotation file {tmp_path}/annotations"):

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate(cfg, args.checkpoint, allow_pickle=args.allow_pickle)
         else:
             metrics = train_and_evaluate(cfg)
-    except (FileNotFoundError, SpecError, ValueError) as error:
+    except (FileNotFoundError, PermissionError, SpecError, ValueError) as error:
         logger.error("%s", error)
         return 2
 

@@ -142,8 +142,13 @@ def load_config(
         work_dir: output folder; default ``output/mmdet/<config name>``.
         backbone_weights: a ``tools/compress_backbone.py`` directory; the
             backbone then takes its weights and its ``spec.json``.
-        data_root: dataset folder (see ``set_data_root``); FileNotFoundError when it is no directory.
+        data_root: dataset folder (see ``set_data_root``).
         options: ``--cfg-options`` overrides, applied last.
+
+    Raises:
+        FileNotFoundError: the config or ``data_root`` does not exist.
+        ValueError: the work directory is an existing file, or ``backbone_weights``
+            is given for a config whose backbone is not ``CoDeCResNet``.
     """
     path = resolve_config_file(config_file)
     cfg = Config.fromfile(str(path))
@@ -166,6 +171,8 @@ def load_config(
         set_data_root(cfg, data_root)
     if options:
         cfg.merge_from_dict(options)
+    if Path(cfg.work_dir).exists() and not Path(cfg.work_dir).is_dir():
+        raise ValueError(f"work directory {cfg.work_dir} exists and is not a directory; give --work-dir a directory path")
     return cfg
 
 
