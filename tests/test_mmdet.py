@@ -305,6 +305,13 @@ def write_spec(tmp_path, edit):
     return path
 
 
+@pytest.mark.parametrize("argument, value", [("spec", 45), ("spec", {"layers": {}}), ("weights", 1)])
+def test_spec_and_weights_must_be_paths(argument, value):
+    arguments = {"spec": "codec-45", argument: value}
+    with pytest.raises(ValueError, match=re.escape(f"{argument}={value!r} is a {type(value).__name__}")):
+        build_backbone(**arguments)
+
+
 def test_spec_with_wrong_channels_rejected(tmp_path):
     def widen(layers):
         layers["layer2.0.conv2"]["in_channels"] = 64

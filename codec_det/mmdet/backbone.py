@@ -32,11 +32,17 @@ def resolve_backbone_spec(spec: str | os.PathLike | None, weights: str | os.Path
     ``spec.json`` must describe the same layers as ``spec``.
 
     Raises:
-        ValueError: neither is given, or only ``weights`` and it is a file.
+        ValueError: neither is given, either is not a path or name, or only ``weights`` is given and it is a file.
         FileNotFoundError: ``spec`` names no file, directory or preset, or, without ``spec``,
             ``weights`` does not exist or its directory has no ``spec.json``.
         SpecError: the spec is invalid or differs from the weights directory's spec.
     """
+    for name, value in (("spec", spec), ("weights", weights)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ValueError(
+                f"CoDeCResNet: {name}={value!r} is a {type(value).__name__}; give a path or, for spec, a preset name "
+                f"({', '.join(sorted(BUNDLED_SPECS))})"
+            )
     weights_dir = Path(weights) if weights is not None and Path(weights).is_dir() else None
     if spec is None:
         if weights is not None and not Path(weights).exists():
