@@ -1,6 +1,12 @@
 """Shared test data for ResNet-50 models: a mixed compression plan and random norm statistics."""
 
+import copy
+
 import torch
+
+from codec_det.checkpoint import save_compressed
+from codec_det.compress import compress_model
+from codec_det.decompose import ALSSettings
 
 # Covers 3x3 and 1x1 convs, strided ones, shortcuts, several groups and
 # permutations folded into the next norm and conv (G > 1 on foldable convs).
@@ -31,3 +37,17 @@ def randomize_norms(model, seed=1):
             module.running_mean.copy_(0.1 * torch.randn(size, generator=generator))
             module.running_var.copy_(0.5 + torch.rand(size, generator=generator))
     return model
+
+
+def save_mixed_compression(dense_model, directory):
+    """Compress a copy of ``dense_model`` with ``MIXED_PLAN`` (3 ALS iterations) and save it into ``directory``."""
+    result = compress_model(
+        copy.deepcopy(dense_model),
+        plan=MIXED_PLAN,
+        input_size=(64, 64),
+        settings=ALSSettings(n_iter_max=3),
+        architecture="resnet50",
+        progress=False,
+    )
+    save_compressed(result.model, result.spec, directory)
+    return directory

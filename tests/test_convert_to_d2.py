@@ -1,4 +1,3 @@
-import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -15,16 +14,14 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from codec_det import add_codec_config  # noqa: E402
-from codec_det.checkpoint import MODEL_FILE, SPEC_FILE, load_compressed, save_compressed  # noqa: E402
-from codec_det.compress import compress_model  # noqa: E402
+from codec_det.checkpoint import MODEL_FILE, SPEC_FILE, load_compressed  # noqa: E402
 from codec_det.d2.checkpoint import read_d2_checkpoint  # noqa: E402
 from codec_det.d2.checkpointer import CoDeCCheckpointer, load_codec_checkpoint  # noqa: E402
 from codec_det.d2.convert import convert_to_d2  # noqa: E402
 from codec_det.d2.layers import CoDeCNormConv2d  # noqa: E402
 from codec_det.d2.names import torchvision_to_d2_key  # noqa: E402
-from codec_det.decompose import ALSSettings  # noqa: E402
 from codec_det.spec import CompressionSpec, SpecError  # noqa: E402
-from resnet_fixtures import MIXED_PLAN, randomize_norms  # noqa: E402
+from resnet_fixtures import randomize_norms, save_mixed_compression  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -67,17 +64,7 @@ def dense_model():
 
 @pytest.fixture(scope="module")
 def compressed_dir(dense_model, tmp_path_factory):
-    result = compress_model(
-        copy.deepcopy(dense_model),
-        plan=MIXED_PLAN,
-        input_size=(64, 64),
-        settings=ALSSettings(n_iter_max=3),
-        architecture="resnet50",
-        progress=False,
-    )
-    directory = tmp_path_factory.mktemp("compressed")
-    save_compressed(result.model, result.spec, directory)
-    return directory
+    return save_mixed_compression(dense_model, tmp_path_factory.mktemp("compressed"))
 
 
 @pytest.fixture(scope="module")

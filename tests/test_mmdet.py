@@ -4,7 +4,6 @@ These tests skip when MMDetection does not import, unless CODEC_REQUIRE_MMDET=1
 (as in CI), which makes that a failure.
 """
 
-import copy
 import importlib
 import json
 import os
@@ -39,9 +38,7 @@ from mmengine.config import Config  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.testing import demo_mm_inputs  # noqa: E402
 
-from codec_det.checkpoint import MODEL_FILE, load_compressed, save_compressed  # noqa: E402
-from codec_det.compress import compress_model  # noqa: E402
-from codec_det.decompose import ALSSettings  # noqa: E402
+from codec_det.checkpoint import MODEL_FILE, load_compressed  # noqa: E402
 from codec_det.layers.codec_conv import CoDeCConv2d  # noqa: E402
 from codec_det.mmdet import CoDeCResNet, spec_style  # noqa: E402
 from codec_det.mmdet import backbone as mmdet_backbone  # noqa: E402
@@ -56,7 +53,7 @@ from codec_det.mmdet.runner import (  # noqa: E402
     train_and_evaluate,
 )
 from codec_det.spec import SpecError, resolve_spec  # noqa: E402
-from resnet_fixtures import MIXED_PLAN, randomize_norms  # noqa: E402
+from resnet_fixtures import randomize_norms, save_mixed_compression  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -81,17 +78,7 @@ def codec_layers(model):
 def compressed_dir(tmp_path_factory):
     torch.manual_seed(0)
     dense = randomize_norms(torchvision.models.resnet50()).eval()
-    result = compress_model(
-        copy.deepcopy(dense),
-        plan=MIXED_PLAN,
-        input_size=(64, 64),
-        settings=ALSSettings(n_iter_max=3),
-        architecture="resnet50",
-        progress=False,
-    )
-    directory = tmp_path_factory.mktemp("compressed")
-    save_compressed(result.model, result.spec, directory)
-    return directory
+    return save_mixed_compression(dense, tmp_path_factory.mktemp("compressed"))
 
 
 @pytest.fixture(scope="module")
