@@ -102,7 +102,7 @@ class CoDeCResNet(ResNet):
     ResNet-50's 4 stages.
 
     A folded permutation (``permutation_folded`` in the spec) makes a layer
-    emit its filters in group order; the BatchNorm and conv after it hold
+    emit its filters in group order. The BatchNorm and conv after it store
     their weights in that order, so the block computes the same function
     with any ``norm_eval`` or freezing.
 
